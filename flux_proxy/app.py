@@ -1,0 +1,364 @@
+"""The outer layer: plain ASGI, mountable anywhere.
+
+``FluxProxy`` answers the OpenAI image routes under the API prefix and hands
+every other request to the host app it wraps (mounted mode) or answers 404.
+JSON is parsed once here, on the way in, and rendered once, on the way out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from pydantic import ValidationError
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from flux_proxy.config import ConfigError, Settings, load_settings
+from flux_proxy.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    UpstreamTimeout,
+)
+from flux_proxy.pipeline import build_stack, call_provider
+from flux_proxy.plugins import load_registry
+from flux_proxy.routing import Router
+from flux_proxy.runtime import Runtime
+from flux_proxy.schema import ImageJob, ImageRequest, ImageResult, Report
+from flux_proxy.store import is_valid_name
+
+logger = logging.getLogger("flux_proxy")
+
+REPORT_HEADER = "x-flux-proxy-params"
+PROVIDER_HEADER = "x-flux-proxy-provider"
+# ImagesResponse.output_format admits only these (OpenAI spec).
+SPEC_OUTPUT_FORMATS = frozenset({"png", "webp", "jpeg"})
+
+_FILE_ROUTE = re.compile(r"^/images/files/([^/]+)$")
+_MODEL_ROUTE = re.compile(r"^/models/([^/]+)$")
+
+ConfigInput = Settings | str | Path | Mapping[str, Any] | None
+
+
+class FluxProxy:
+    def __init__(
+        self,
+        config: ConfigInput = None,
+        *,
+        app: ASGIApp | None = None,
+        environ: Mapping[str, str] | None = None,
+        plugins: Iterable[object] = (),
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        settings = _as_settings(config, environ)
+        registry = load_registry(plugins)
+        self.settings = settings
+        self.runtime = Runtime.create(settings, environ, transport)
+        providers = {name: factory(self.runtime) for name, factory in registry.providers.items()}
+        self.router = Router(settings, providers)
+        unknown = [name for name in settings.middlewares if name not in registry.middlewares]
+        if unknown:
+            raise ConfigError(
+                f"middlewares: unknown middleware {unknown[0]!r} "
+                f"(installed: {', '.join(sorted(registry.middlewares))})"
+            )
+        stack = [registry.middlewares[name](self.runtime) for name in settings.middlewares]
+        self._generate_images = build_stack(stack, call_provider)
+        self._app = app
+        self._prefix = settings.server.api_prefix
+        self._client_keys = [
+            key.strip()
+            for key in (self.runtime.secret(settings.auth.api_keys_env) or "").split(",")
+            if key.strip()
+        ]
+        self._started = int(time.time())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await self._fall_through(scope, receive, send)
+            return
+        path = _path_in_app(scope)
+        if not path.startswith(self._prefix + "/"):
+            await self._fall_through(scope, receive, send)
+            return
+        route = path[len(self._prefix) :]
+        request = Request(scope, receive)
+        method = request.method
+        if route == "/images/generations":
+            handler = self._generations if method == "POST" else None
+        elif route == "/models":
+            handler = self._models if method == "GET" else None
+        elif _MODEL_ROUTE.match(route):
+            handler = self._model if method == "GET" else None
+        elif _FILE_ROUTE.match(route):
+            handler = self._file if method in ("GET", "HEAD") else None
+        else:
+            await self._fall_through(scope, receive, send)
+            return
+        if handler is None:
+            response = _error_response(MethodNotAllowed(f"{method} is not allowed on {path}."))
+        else:
+            response = await self._respond(handler, request, route)
+        await response(scope, receive, send)
+
+    async def _respond(self, handler: Any, request: Request, route: str) -> Response:
+        started = time.perf_counter()
+        try:
+            response: Response = await handler(request, route)
+        except GatewayError as error:
+            response = _error_response(error)
+        except Exception:
+            logger.exception("unexpected failure on %s %s", request.method, request.url.path)
+            response = _error_response(InternalError("The gateway failed unexpectedly."))
+        logger.info(
+            "%s %s -> %d in %.0f ms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+        )
+        return response
+
+    # --- routes -----------------------------------------------------------------
+
+    async def _generations(self, request: Request, route: str) -> Response:
+        self._authenticate(request.headers)
+        payload = await self._json_body(request)
+        image_request = _validate(payload)
+        if image_request.stream:
+            raise InvalidRequest("Streaming is not supported by this gateway yet.", param="stream")
+        model_name = image_request.model or self.router.default_model()
+        if model_name is None:
+            raise InvalidRequest("'model' is required: name one of GET /v1/models.", param="model")
+        model = self.router.resolve(model_name)
+        report = Report()
+        report.record(
+            "model",
+            "converted",
+            f"served by provider {model.provider.name} as {model.upstream_model}",
+        )
+        job = ImageJob(
+            request=image_request,
+            route=model,
+            report=report,
+            public_url=self._public_url(request),
+            n=image_request.n,
+            seed=image_request.seed,
+            output_compression=image_request.output_compression,
+            fields=image_request.extras,
+        )
+        try:
+            with anyio.fail_after(self.settings.limits.request_timeout):
+                result = await self._generate_images(job)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"The request took longer than this gateway's limit of "
+                f"{self.settings.limits.request_timeout:g} seconds."
+            ) from None
+        return self._render(image_request, result, list(payload))
+
+    async def _models(self, request: Request, route: str) -> Response:
+        self._authenticate(request.headers)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [self._model_entry(name) for name, _ in self.router.public_names()],
+            }
+        )
+
+    async def _model(self, request: Request, route: str) -> Response:
+        self._authenticate(request.headers)
+        match = _MODEL_ROUTE.match(route)
+        assert match is not None
+        self.router.resolve(match[1])
+        return JSONResponse(self._model_entry(match[1]))
+
+    async def _file(self, request: Request, route: str) -> Response:
+        match = _FILE_ROUTE.match(route)
+        assert match is not None
+        name = match[1]
+        if not is_valid_name(name):
+            raise NotFound("No such image.", param=None)
+        query = request.query_params
+        self.runtime.signer.verify(name, query.get("expires"), query.get("signature"))
+        stored = await self.runtime.store.get(name)
+        if stored is None:
+            raise NotFound("This image has expired or never existed.")
+        return Response(
+            stored.data,
+            media_type=stored.media_type,
+            headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
+        )
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        route = self.router.resolve(name)
+        return {
+            "id": name,
+            "object": "model",
+            "created": self._started,
+            "owned_by": f"flux-proxy:{route.provider.name}",
+            "description": route.provider.description(route.config),
+        }
+
+    def _authenticate(self, headers: Headers) -> None:
+        if not self._client_keys:
+            return
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise AuthenticationFailed(
+                "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
+            )
+        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in self._client_keys):
+            raise AuthenticationFailed("Incorrect API key provided.")
+
+    async def _json_body(self, request: Request) -> dict[str, Any]:
+        limit = self.settings.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+            chunks.append(chunk)
+        try:
+            payload = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InvalidRequest(
+                "The request body is not valid JSON. Send a JSON object with at least 'prompt'."
+            ) from None
+        if not isinstance(payload, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        return payload
+
+    def _public_url(self, request: Request) -> str:
+        configured = self.settings.server.public_url
+        base = configured if configured else str(request.base_url)
+        return base.rstrip("/") + self._prefix
+
+    def _render(self, request: ImageRequest, result: ImageResult, sent: list[str]) -> Response:
+        wanted = request.response_format or self.settings.defaults.response_format
+        data = []
+        for image in result.images:
+            if wanted == "url":
+                if image.url is None:
+                    raise InternalError("An image reached the response without a URL.")
+                entry: dict[str, str] = {"url": image.url}
+            else:
+                if image.data is None:
+                    raise InternalError("An image reached the response without its bytes.")
+                entry = {"b64_json": base64.b64encode(image.data).decode("ascii")}
+            if image.revised_prompt:
+                entry["revised_prompt"] = image.revised_prompt
+            data.append(entry)
+        body: dict[str, Any] = {"created": int(time.time()), "data": data}
+        if result.output_format in SPEC_OUTPUT_FORMATS:
+            body["output_format"] = result.output_format
+        for param in sent:
+            if result.report.get(param) is None:
+                result.report.record(param, "ignored", "not used by this model's provider")
+        headers = {
+            REPORT_HEADER: result.report.header_value(sent),
+            PROVIDER_HEADER: result.provider,
+        }
+        return JSONResponse(body, headers=headers)
+
+    async def _fall_through(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is not None:
+            await self._app(scope, receive, send)
+            return
+        if scope["type"] == "http":
+            error = NotFound(f"No route for {scope.get('path', '')}.", code="unknown_url")
+            await _error_response(error)(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is not None:
+            try:
+                await self._app(scope, receive, send)
+            finally:
+                await self.runtime.aclose()
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.runtime.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+class FluxProxyMiddleware(FluxProxy):
+    """Mount flux-proxy in an existing ASGI app.
+
+    ``app.add_middleware(FluxProxyMiddleware, config=...)``: image requests under
+    the API prefix are answered here; everything else reaches ``app``.
+    """
+
+    def __init__(self, app: ASGIApp, config: ConfigInput = None, **options: Any) -> None:
+        super().__init__(config, app=app, **options)
+
+
+def _as_settings(config: ConfigInput, environ: Mapping[str, str] | None) -> Settings:
+    if isinstance(config, Settings):
+        return config
+    if isinstance(config, Mapping):
+        try:
+            return Settings.model_validate(dict(config))
+        except ValidationError as exc:
+            from flux_proxy.config import _describe
+
+            raise ConfigError(_describe(exc, None)) from None
+    return load_settings(config, environ)
+
+
+def _path_in_app(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _validate(payload: dict[str, Any]) -> ImageRequest:
+    try:
+        return ImageRequest.model_validate(payload)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = ".".join(str(part) for part in error["loc"]) or None
+        if error["type"] == "missing":
+            message = f"Missing required parameter: '{param}'."
+        else:
+            given = json.dumps(error.get("input"))[:100]
+            message = f"Invalid value for '{param}': {error['msg']} (got {given})."
+        raise InvalidRequest(message, param=param) from None
+
+
+def _error_response(error: GatewayError) -> Response:
+    return Response(
+        error.body_bytes(),
+        status_code=error.status_code,
+        media_type="application/json",
+        headers=error.headers,
+    )

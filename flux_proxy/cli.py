@@ -1,0 +1,63 @@
+"""``flux-proxy serve``: run the gateway under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from flux_proxy.config import ConfigError, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flux-proxy", description="OpenAI-compatible image-generation gateway."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Serve the OpenAI Images API. With no config, the embedded default "
+        "serves model flux1.1-pro (alias flux-pro-1.1) from the local renderer.",
+    )
+    serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
+    serve.add_argument(
+        "--config",
+        default=os.environ.get("FLUX_PROXY_CONFIG"),
+        help="YAML settings file (default: $FLUX_PROXY_CONFIG; none: the embedded default)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level (default: info)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2  # pragma: no cover - argparse enforces the subcommand
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from flux_proxy.app import FluxProxy
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args.config)
+        app = FluxProxy(settings)
+    except ConfigError as error:
+        print(f"flux-proxy: {error}", file=sys.stderr)
+        return 2
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, proxy_headers=True)
+    return 0

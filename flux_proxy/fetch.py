@@ -1,0 +1,99 @@
+"""Downloading images from upstream URLs, and only from where the gateway should.
+
+A provider answer can carry any URL. The gateway fetches it only when the host
+resolves to public addresses, or is one the operator trusts: a configured
+provider's own host or one listed in ``fetch.allow_private_hosts``. Anything
+else (loopback, private ranges, link-local metadata endpoints) is refused, so
+the gateway cannot be turned into a probe of the network it runs in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import socket
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+
+from flux_proxy.errors import UpstreamError, UpstreamTimeout
+from flux_proxy.imaging import probe
+from flux_proxy.schema import GeneratedImage
+
+
+class ImageFetcher:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        trusted_hosts: Iterable[str],
+        max_bytes: int,
+    ) -> None:
+        self._http = http
+        self._trusted = {host.lower() for host in trusted_hosts}
+        self._max_bytes = max_bytes
+
+    async def fetch(self, url: str) -> bytes:
+        if url.startswith("data:"):
+            return _decode_data_uri(url)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UpstreamError("The upstream returned an image URL the gateway cannot fetch.")
+        await self._check_host(parts.hostname)
+        try:
+            async with self._http.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise UpstreamError(
+                        f"Fetching the upstream image failed with HTTP {response.status_code}."
+                    )
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > self._max_bytes:
+                        raise UpstreamError(
+                            "The upstream image is larger than the gateway accepts."
+                        )
+                    chunks.append(chunk)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("Fetching the upstream image timed out.") from None
+        except httpx.HTTPError:
+            raise UpstreamError("Fetching the upstream image failed.") from None
+        return b"".join(chunks)
+
+    async def ensure_data(self, image: GeneratedImage) -> GeneratedImage:
+        """Give ``image`` its bytes, media type and pixel size (fetching if needed)."""
+        if image.data is None and image.url is not None:
+            image.data = await self.fetch(image.url)
+        if image.data is not None and (image.media_type is None or image.width is None):
+            fmt, image.width, image.height = probe(image.data)
+            image.media_type = f"image/{fmt}"
+        return image
+
+    async def _check_host(self, host: str) -> None:
+        if host.lower() in self._trusted:
+            return
+        try:
+            infos = await anyio.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError:
+            raise UpstreamError("The upstream image host could not be resolved.") from None
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0])
+            if not address.is_global:
+                raise UpstreamError(
+                    "The upstream returned an image URL on a private address; "
+                    "the gateway does not fetch from there."
+                )
+
+
+def _decode_data_uri(uri: str) -> bytes:
+    header, _, payload = uri.partition(",")
+    if not header.endswith(";base64"):
+        raise UpstreamError("The upstream returned a data URI that is not base64.")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise UpstreamError("The upstream returned a malformed base64 data URI.") from None

@@ -1,0 +1,42 @@
+"""The plugin hooks. Built-in providers and middlewares use them like any plugin.
+
+A plugin is a module (or object) with functions marked ``@hookimpl``; an
+installed package exposes it through the ``flux_proxy`` entry-point group::
+
+    [project.entry-points.flux_proxy]
+    bfl = "flux_proxy_bfl.plugin"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from flux_proxy.pipeline import MiddlewareFactory
+    from flux_proxy.providers.base import ProviderFactory
+
+hookspec = pluggy.HookspecMarker("flux_proxy")
+hookimpl = pluggy.HookimplMarker("flux_proxy")
+
+RegisterProvider = Callable[[str, "ProviderFactory"], None]
+RegisterMiddleware = Callable[[str, "MiddlewareFactory"], None]
+
+
+@hookspec
+def register_providers(register: RegisterProvider) -> None:
+    """Call ``register(name, factory)`` for each provider the plugin offers.
+
+    ``factory(runtime)`` returns an object following ``providers.base.Provider``.
+    """
+
+
+@hookspec
+def register_middlewares(register: RegisterMiddleware) -> None:
+    """Call ``register(name, factory)`` for each image middleware the plugin offers.
+
+    ``factory(runtime)`` returns an ``ImageMiddleware``; settings' ``middlewares``
+    list names which run, in which order.
+    """

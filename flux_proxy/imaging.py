@@ -1,0 +1,127 @@
+"""Pillow work: sniffing, decoding, fitting and encoding images.
+
+The functions here are blocking; :class:`ImageWorker` runs them off the event
+loop with a process-wide bound, so a burst of large images cannot stall every
+other request or exhaust memory.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio.to_thread
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from flux_proxy.errors import UpstreamError
+
+T = TypeVar("T")
+
+MEDIA_TYPES: dict[str, str] = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "gif": "image/gif",
+    "webp": "image/webp",
+    "avif": "image/avif",
+}
+FORMAT_OF_MEDIA_TYPE: dict[str, str] = {v: k for k, v in MEDIA_TYPES.items()}
+EXTENSIONS: dict[str, str] = {
+    "png": "png",
+    "jpeg": "jpg",
+    "gif": "gif",
+    "webp": "webp",
+    "avif": "avif",
+}
+PILLOW_NAMES: dict[str, str] = {
+    "png": "PNG",
+    "jpeg": "JPEG",
+    "gif": "GIF",
+    "webp": "WEBP",
+    "avif": "AVIF",
+}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format from its magic bytes, never from a label."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        return "avif"
+    return None
+
+
+def probe(data: bytes) -> tuple[str, int, int]:
+    """Format and pixel size, reading only the header."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UpstreamError("The upstream returned data that is not a supported image.")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UpstreamError(f"The upstream returned an unreadable {fmt} image.") from exc
+    return fmt, width, height
+
+
+def decode(data: bytes) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise UpstreamError("The upstream returned an image the gateway cannot decode.") from exc
+    return image
+
+
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale to cover ``width x height`` and crop the overflow evenly from both sides."""
+    if image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+
+
+def encode(image: Image.Image, fmt: str, compression: int | None) -> bytes:
+    """Encode as ``fmt``. ``compression`` follows OpenAI: 0-100, 100 = best quality."""
+    quality = 100 if compression is None else compression
+    options: dict[str, object] = {}
+    if fmt == "jpeg":
+        image = _flatten(image)
+        options = {"quality": max(quality, 1), "optimize": quality < 100}
+    elif fmt in ("webp", "avif"):
+        image = image if image.mode in ("RGB", "RGBA") else image.convert("RGBA")
+        options = {"quality": quality}
+    elif fmt == "gif":
+        image = _flatten(image).quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    elif fmt == "png" and image.mode not in ("RGB", "RGBA", "L", "LA", "P"):
+        image = image.convert("RGBA")
+    buffer = io.BytesIO()
+    image.save(buffer, PILLOW_NAMES[fmt], **options)
+    return buffer.getvalue()
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """RGB on white: for formats without (good) alpha."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+class ImageWorker:
+    """Runs blocking image work in threads, at most ``workers`` at a time."""
+
+    def __init__(self, workers: int) -> None:
+        self._limiter = anyio.CapacityLimiter(workers)
+
+    async def run(self, function: Callable[..., T], *args: object) -> T:
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)

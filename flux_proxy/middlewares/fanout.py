@@ -1,0 +1,72 @@
+"""n fan-out: split a request for n images into as many provider calls as it takes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import anyio
+
+from flux_proxy.errors import GatewayError, InvalidRequest
+from flux_proxy.pipeline import CallNext
+from flux_proxy.runtime import Runtime
+from flux_proxy.schema import ImageJob, ImageResult
+
+
+class FanOutMiddleware:
+    def __init__(self, runtime: Runtime) -> None:
+        self._max_n = runtime.settings.limits.max_n
+        self._concurrency = runtime.settings.limits.fanout_concurrency
+
+    async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
+        n = job.request.n
+        if n > self._max_n:
+            raise InvalidRequest(
+                f"n must be at most {self._max_n} on this gateway; got {n}.", param="n"
+            )
+        per_call = job.route.capabilities.max_images_per_call
+        sent = job.request.model_fields_set
+        if n <= per_call:
+            if "n" in sent:
+                job.report.record("n", "passthrough", f"{n} in one call")
+            return await call_next(replace(job, n=n))
+
+        counts = [min(per_call, n - start) for start in range(0, n, per_call)]
+        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        seed = job.seed
+        job.report.record(
+            "n", "emulated", f"{len(counts)} provider calls of up to {per_call} image(s)"
+        )
+        if seed is not None and "seed" in sent:
+            job.report.record("seed", "emulated", f"image i uses seed + i (from {seed})")
+
+        results: list[ImageResult | None] = [None] * len(counts)
+        limiter = anyio.Semaphore(self._concurrency)
+
+        async def run(index: int) -> None:
+            async with limiter:
+                sub_seed = None if seed is None else seed + offsets[index]
+                results[index] = await call_next(replace(job, n=counts[index], seed=sub_seed))
+
+        try:
+            async with anyio.create_task_group() as group:
+                for index in range(len(counts)):
+                    group.start_soon(run, index)
+        except BaseExceptionGroup as group_error:
+            # One failed call fails the request: the others were cancelled with it.
+            raise _first_gateway_error(group_error) from None
+
+        done = [result for result in results if result is not None]
+        return ImageResult(
+            images=[image for result in done for image in result.images],
+            provider=done[0].provider,
+            report=job.report,
+        )
+
+
+def _first_gateway_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return _first_gateway_error(error)
+        if isinstance(error, GatewayError):
+            return error
+    return group.exceptions[0]

@@ -1,0 +1,38 @@
+"""The image middleware stack: typed layers around a provider call."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
+
+from flux_proxy.schema import ImageJob, ImageResult
+
+if TYPE_CHECKING:
+    from flux_proxy.runtime import Runtime
+
+CallNext = Callable[[ImageJob], Awaitable[ImageResult]]
+
+
+class ImageMiddleware(Protocol):
+    """One layer: may change the job on the way down and the result on the way up."""
+
+    async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult: ...
+
+
+MiddlewareFactory = Callable[["Runtime"], ImageMiddleware]
+
+
+def build_stack(middlewares: Sequence[ImageMiddleware], terminal: CallNext) -> CallNext:
+    """Compose ``middlewares`` (outermost first) around ``terminal``."""
+    call: CallNext = terminal
+    for middleware in reversed(middlewares):
+        call = partial(middleware, call_next=call)
+    return call
+
+
+async def call_provider(job: ImageJob) -> ImageResult:
+    """The innermost layer: the provider's own call."""
+    provider = job.route.provider
+    images = await provider.generate(job)
+    return ImageResult(images=images, provider=provider.name, report=job.report)

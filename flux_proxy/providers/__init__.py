@@ -1,0 +1,1 @@
+"""Built-in providers: the local renderer and any OpenAI-compatible upstream."""

@@ -1,0 +1,33 @@
+"""The provider seam: one narrow interface behind which every upstream sits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from flux_proxy.capabilities import Capabilities
+    from flux_proxy.config import ModelConfig
+    from flux_proxy.runtime import Runtime
+    from flux_proxy.schema import GeneratedImage, ImageJob
+
+
+class Provider(Protocol):
+    """Turns one normalised job into images through the provider's native protocol.
+
+    ``generate`` receives a job the middlewares have already fitted to the model's
+    capabilities: a size it can make, at most ``max_images_per_call`` images, a
+    format it returns natively. It records how it passed on ``prompt`` and
+    ``seed`` in ``job.report``.
+    """
+
+    name: str
+
+    def capabilities(self, model: ModelConfig) -> Capabilities: ...
+
+    def description(self, model: ModelConfig) -> str: ...
+
+    async def generate(self, job: ImageJob) -> list[GeneratedImage]: ...
+
+
+ProviderFactory = Callable[["Runtime"], Provider]

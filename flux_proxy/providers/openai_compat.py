@@ -1,0 +1,112 @@
+"""Any OpenAI Images server as an upstream (OpenAI itself, Together-style hosts,
+another flux-proxy). What the upstream can do is declared in the model's config
+``capabilities``; the middlewares emulate the rest.
+
+Model ``options``:
+
+- ``response_format``: what to ask the upstream for (``b64_json`` or ``url``);
+  unset sends nothing (GPT-image models reject the field and always return base64).
+- ``send_seed``: send ``seed`` (a common extension; default true).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from flux_proxy.capabilities import Capabilities
+from flux_proxy.config import ModelConfig
+from flux_proxy.errors import UpstreamError
+from flux_proxy.hookspecs import RegisterProvider, hookimpl
+from flux_proxy.runtime import Runtime
+from flux_proxy.schema import GeneratedImage, ImageJob
+from flux_proxy.upstream import error_for_status, upstream_transport_errors
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class OpenAICompatibleProvider:
+    name = "openai"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    def capabilities(self, model: ModelConfig) -> Capabilities:
+        # Conservative defaults: what every OpenAI Images server does. Declare more in config.
+        return Capabilities(max_images_per_call=1, output_formats=("png",))
+
+    def description(self, model: ModelConfig) -> str:
+        return (
+            model.description or f"{model.upstream_model or ''} via an OpenAI-compatible upstream"
+        )
+
+    async def generate(self, job: ImageJob) -> list[GeneratedImage]:
+        config = job.route.config
+        key = self._runtime.secret(config.api_key_env)
+        if config.api_key_env and key is None:
+            raise UpstreamError(
+                f"The gateway has no key for this model's upstream: the environment variable "
+                f"{config.api_key_env} is not set.",
+                code="upstream_credentials_missing",
+            )
+        body = self._body(job)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        base_url = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
+        with upstream_transport_errors(self.name):
+            response = await self._runtime.http.post(
+                f"{base_url}/images/generations", json=body, headers=headers
+            )
+        if response.status_code != 200:
+            raise error_for_status(response, provider=self.name, secrets=[key or ""])
+        return self._images(response.json(), job)
+
+    def _body(self, job: ImageJob) -> dict[str, Any]:
+        route = job.route
+        options = route.config.options
+        body: dict[str, Any] = {"model": route.upstream_model, "prompt": job.request.prompt}
+        job.report.record("prompt", "passthrough", "prompt")
+        if job.n != 1:
+            body["n"] = job.n
+        if job.width and job.height:
+            body["size"] = f"{job.width}x{job.height}"
+        # The upstream's default format (listed first) needs no field; others do.
+        if job.output_format and job.output_format != route.capabilities.output_formats[0]:
+            body["output_format"] = job.output_format
+        if job.output_compression is not None:
+            body["output_compression"] = job.output_compression
+        if options.get("response_format"):
+            body["response_format"] = options["response_format"]
+        if job.seed is not None and options.get("send_seed", True):
+            body["seed"] = job.seed
+            if job.report.get("seed") is None:
+                job.report.record("seed", "passthrough", "seed")
+        body.update(job.fields)
+        return body
+
+    def _images(self, payload: Any, job: ImageJob) -> list[GeneratedImage]:
+        items = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(items, list) or not items:
+            raise UpstreamError("The openai upstream answered without any images.")
+        images = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise UpstreamError("The openai upstream answered with a malformed image entry.")
+            revised = item.get("revised_prompt")
+            seed = None if job.seed is None else job.seed + index
+            if isinstance(item.get("b64_json"), str):
+                try:
+                    data = base64.b64decode(item["b64_json"], validate=True)
+                except (binascii.Error, ValueError):
+                    raise UpstreamError("The openai upstream sent invalid base64.") from None
+                images.append(GeneratedImage(data=data, seed=seed, revised_prompt=revised))
+            elif isinstance(item.get("url"), str):
+                images.append(GeneratedImage(url=item["url"], seed=seed, revised_prompt=revised))
+            else:
+                raise UpstreamError("The openai upstream sent an image with neither url nor data.")
+        return images
+
+
+@hookimpl
+def register_providers(register: RegisterProvider) -> None:
+    register("openai", OpenAICompatibleProvider)

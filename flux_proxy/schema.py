@@ -1,0 +1,143 @@
+"""The typed values that flow through the gateway.
+
+``ImageRequest`` is the client's JSON, parsed and validated once. ``ImageJob`` is
+what travels down the middleware stack: each layer passes a changed copy to the
+next. ``ImageResult`` travels back up carrying image bytes (never base64) and the
+normalisation report.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from flux_proxy.routing import ModelRoute
+
+Handling = Literal["passthrough", "renamed", "converted", "emulated", "ignored"]
+
+# Public spellings of output formats, mapped to the one the gateway uses.
+FORMAT_ALIASES: dict[str, str] = {"jpg": "jpeg"}
+
+
+class ImageRequest(BaseModel):
+    """An OpenAI ``CreateImageRequest`` plus the reference gateway's extensions.
+
+    Fields the gateway does not know are kept, in the client's order, in
+    ``extras`` and reach the provider unchanged unless a plugin maps them.
+    """
+
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=False)
+
+    model: str | None = None
+    prompt: str = Field(min_length=1)
+    n: StrictInt = Field(1, ge=1)
+    size: str | None = None
+    aspect_ratio: str | None = None
+    resolution: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: Literal["png", "jpeg", "jpg", "gif", "webp", "avif"] | None = None
+    output_compression: StrictInt | None = Field(None, ge=0, le=100)
+    seed: StrictInt | None = None
+    stream: StrictBool | None = None
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution_as_text(cls, value: Any) -> Any:
+        # {"resolution": 1} and {"resolution": "1"} mean the same tier.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return format(value, "g")
+        return value
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        return dict(self.__pydantic_extra__ or {})
+
+    @property
+    def target_format(self) -> str | None:
+        if self.output_format is None:
+            return None
+        return FORMAT_ALIASES.get(self.output_format, self.output_format)
+
+
+@dataclass(frozen=True, slots=True)
+class ParamHandling:
+    handling: Handling
+    detail: str
+
+
+class Report:
+    """How each parameter the client sent was handled; rendered as a response header."""
+
+    MAX_DETAIL = 200
+
+    def __init__(self) -> None:
+        self._entries: dict[str, ParamHandling] = {}
+
+    def record(self, param: str, handling: Handling, detail: str) -> None:
+        self._entries[param] = ParamHandling(handling, detail[: self.MAX_DETAIL])
+
+    def get(self, param: str) -> ParamHandling | None:
+        return self._entries.get(param)
+
+    def as_dict(self) -> dict[str, dict[str, str]]:
+        return {k: {"handling": v.handling, "detail": v.detail} for k, v in self._entries.items()}
+
+    def header_value(self, params: list[str]) -> str:
+        """Compact ASCII JSON, in the order the client sent the parameters."""
+        entries = {p: self._entries[p] for p in params if p in self._entries}
+        entries.update({p: v for p, v in self._entries.items() if p not in entries})
+        body = {k: {"handling": v.handling, "detail": v.detail} for k, v in entries.items()}
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=True)
+
+
+@dataclass(slots=True)
+class GeneratedImage:
+    """One image on its way back up.
+
+    Invariant: when ``url`` is set, ``data`` (if present) is exactly what the URL
+    serves. A layer that changes the pixels clears ``url``.
+    """
+
+    data: bytes | None = None
+    url: str | None = None
+    media_type: str | None = None  # sniffed from the bytes, never taken from a label
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    revised_prompt: str | None = None
+    # Decoded pixels after a change, not yet encoded; the format layer encodes them.
+    pixels: Image.Image | None = None
+
+
+@dataclass(slots=True)
+class ImageResult:
+    images: list[GeneratedImage]
+    provider: str
+    report: Report
+    # Final format of every image (set by the format layer).
+    output_format: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageJob:
+    """One request as the layers below should carry it out."""
+
+    request: ImageRequest  # as the client sent it; never changed
+    route: ModelRoute
+    report: Report
+    # Base URL under which the gateway serves its own routes (for hosted images).
+    public_url: str
+    n: int = 1
+    width: int | None = None  # size the layers below should make
+    height: int | None = None
+    output_format: str | None = None  # format the provider should return; None = its default
+    output_compression: int | None = None
+    seed: int | None = None
+    # Provider-bound fields the gateway does not interpret, in the client's order.
+    fields: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,127 @@
+"""ImageStore: where images served at the gateway's own URLs are kept.
+
+``put`` returns a name; the gateway links to ``{api}/images/files/{name}`` with a
+signature (see ``signing.py``). Names are random, so they cannot be guessed, and
+every backend forgets images once they have expired.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+
+from flux_proxy.imaging import EXTENSIONS, MEDIA_TYPES
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpg|gif|webp|avif)$")
+_MEDIA_TYPE_OF_EXTENSION = {ext: MEDIA_TYPES[fmt] for fmt, ext in EXTENSIONS.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    data: bytes
+    media_type: str
+
+
+class ImageStore(Protocol):
+    async def put(self, data: bytes, fmt: str) -> str: ...
+
+    async def get(self, name: str) -> StoredImage | None: ...
+
+
+def new_name(fmt: str) -> str:
+    return f"{secrets.token_urlsafe(24)}.{EXTENSIONS[fmt]}"
+
+
+def is_valid_name(name: str) -> bool:
+    return _NAME.match(name) is not None
+
+
+class MemoryImageStore:
+    """In-process store, bounded by bytes and age. One replica only."""
+
+    def __init__(
+        self, *, ttl_seconds: int, max_bytes: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl = ttl_seconds
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self._items: OrderedDict[str, tuple[float, StoredImage]] = OrderedDict()
+        self._bytes = 0
+
+    async def put(self, data: bytes, fmt: str) -> str:
+        name = new_name(fmt)
+        self._items[name] = (self._clock() + self._ttl, StoredImage(data, MEDIA_TYPES[fmt]))
+        self._bytes += len(data)
+        self._evict()
+        return name
+
+    async def get(self, name: str) -> StoredImage | None:
+        item = self._items.get(name)
+        if item is None or item[0] < self._clock():
+            return None
+        return item[1]
+
+    def _evict(self) -> None:
+        now = self._clock()
+        while self._items:
+            name, (expires, image) = next(iter(self._items.items()))
+            if expires >= now and self._bytes <= self._max_bytes:
+                break
+            del self._items[name]
+            self._bytes -= len(image.data)
+
+
+class DirectoryImageStore:
+    """Images as files in one directory; survives restarts, shareable over a volume."""
+
+    SWEEP_EVERY = 100
+
+    def __init__(
+        self, directory: Path, *, ttl_seconds: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._directory = directory
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._puts = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    async def put(self, data: bytes, fmt: str) -> str:
+        name = new_name(fmt)
+        path = anyio.Path(self._directory / name)
+        partial = anyio.Path(self._directory / f".{name}.partial")
+        await partial.write_bytes(data)
+        await partial.rename(path)  # readers never see half a file
+        self._puts += 1
+        if self._puts % self.SWEEP_EVERY == 0:
+            await anyio.to_thread.run_sync(self._sweep)
+        return name
+
+    async def get(self, name: str) -> StoredImage | None:
+        if not is_valid_name(name):
+            return None
+        path = anyio.Path(self._directory / name)
+        try:
+            stat = await path.stat()
+            if stat.st_mtime + self._ttl < self._clock():
+                return None
+            data = await path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return StoredImage(data, _MEDIA_TYPE_OF_EXTENSION[name.rsplit(".", 1)[1]])
+
+    def _sweep(self) -> None:
+        cutoff = self._clock() - self._ttl
+        for path in self._directory.iterdir():
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except FileNotFoundError:
+                continue

@@ -1,0 +1,99 @@
+"""Mapping an upstream's HTTP failure to the error the client should see.
+
+Shared by every provider, built-in or plugin, so the same upstream trouble reads
+the same whoever the upstream is. Messages never include provider keys: callers
+pass the secrets to strip from anything the upstream echoed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from flux_proxy.errors import (
+    GatewayError,
+    InvalidRequest,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+    redact,
+)
+
+MAX_MESSAGE = 500
+
+
+def upstream_message(response: httpx.Response) -> str:
+    """The human part of an upstream error body, whatever shape it has."""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return response.text[:MAX_MESSAGE].strip()
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:MAX_MESSAGE]
+        for key in ("detail", "message", "error", "title"):
+            value = body.get(key)
+            if isinstance(value, str):
+                return value[:MAX_MESSAGE]
+            if value is not None:
+                return json.dumps(value)[:MAX_MESSAGE]
+    return json.dumps(body)[:MAX_MESSAGE]
+
+
+def error_for_status(
+    response: httpx.Response, *, provider: str, secrets: list[str]
+) -> GatewayError:
+    status = response.status_code
+    detail = redact(upstream_message(response), secrets)
+    if status in (401, 403):
+        return UpstreamError(
+            f"The {provider} upstream rejected the gateway's credentials (HTTP {status}). "
+            "Your own key was accepted; the gateway's operator must fix its upstream key.",
+            code="upstream_auth_failed",
+        )
+    if status == 402:
+        return UpstreamError(
+            f"The {provider} upstream account is out of credit.",
+            code="upstream_insufficient_credit",
+        )
+    if status == 429:
+        headers = {}
+        if retry_after := response.headers.get("retry-after"):
+            headers["Retry-After"] = retry_after
+        return RateLimited(
+            f"The {provider} upstream is rate limiting requests: {detail}", headers=headers
+        )
+    if status in (400, 422):
+        param = _openai_param(response)
+        return InvalidRequest(
+            f"The {provider} upstream rejected the request: {detail}", param=param
+        )
+    if status in (408, 504):
+        return UpstreamTimeout(f"The {provider} upstream timed out (HTTP {status}).")
+    return UpstreamError(f"The {provider} upstream failed with HTTP {status}: {detail}")
+
+
+def _openai_param(response: httpx.Response) -> str | None:
+    try:
+        error = response.json().get("error")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    param = error.get("param") if isinstance(error, dict) else None
+    return param if isinstance(param, str) else None
+
+
+@contextmanager
+def upstream_transport_errors(provider: str) -> Iterator[None]:
+    """Turn httpx's transport failures into 502/504 answers."""
+    try:
+        yield
+    except httpx.TimeoutException:
+        raise UpstreamTimeout(f"The {provider} upstream did not answer in time.") from None
+    except httpx.HTTPError as exc:
+        raise UpstreamError(
+            f"The {provider} upstream could not be reached ({type(exc).__name__})."
+        ) from None

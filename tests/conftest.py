@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import openai
+import pytest
+
+from flux_proxy import FluxProxy
+from tests.servers import serve
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def start_gateway() -> Iterator[Callable[..., str]]:
+    """Start a real gateway (uvicorn, loopback) from a settings mapping; returns its base URL."""
+    with ExitStack() as stack:
+
+        def start(config: dict[str, Any] | None = None, **options: Any) -> str:
+            options.setdefault("environ", {})
+            app = FluxProxy(config or {}, **options)
+            return stack.enter_context(serve(app))
+
+        yield start
+
+
+@pytest.fixture
+def gateway(start_gateway: Callable[..., str]) -> str:
+    """The embedded default: flux1.1-pro on the local renderer."""
+    return start_gateway()
+
+
+@pytest.fixture
+def client(gateway: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
