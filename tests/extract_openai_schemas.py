@@ -20,7 +20,9 @@ OUT = Path(__file__).with_name("openai_schemas.json")
 
 
 def main(spec_path: str) -> None:
-    spec = yaml.load(Path(spec_path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    spec = yaml.load(
+        Path(spec_path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    )
     schemas = spec["components"]["schemas"]
     kept: dict[str, Any] = {}
 

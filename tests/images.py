@@ -22,7 +22,9 @@ def assert_image(data: bytes, fmt: str, size: tuple[int, int]) -> Image.Image:
     return image
 
 
-def make_image(fmt: str, size: tuple[int, int], colour: tuple[int, int, int] = (200, 40, 90)) -> bytes:
+def make_image(
+    fmt: str, size: tuple[int, int], colour: tuple[int, int, int] = (200, 40, 90)
+) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, PILLOW_FORMATS[fmt])
     return buffer.getvalue()

@@ -27,9 +27,15 @@ class RecordingUpstream:
     # Size actually produced, whatever was asked (to test the gateway's resize).
     force_size: tuple[int, int] | None = None
     fail_with: tuple[int, dict[str, Any], dict[str, str]] | None = None
+    # Which calls (0-based) fail_with applies to; None: all of them.
+    fail_calls: set[int] | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    # Base of the image URLs it hands out; default: the address it was reached at.
+    url_base: str | None = None
+    # Every image made, in order, to check the gateway passes bytes on untouched.
+    produced: list[bytes] = field(default_factory=list)
 
     def app(self) -> Starlette:
         return Starlette(
@@ -43,7 +49,8 @@ class RecordingUpstream:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
-        if self.fail_with is not None:
+        failing = self.fail_calls is None or len(self.requests) - 1 in self.fail_calls
+        if self.fail_with is not None and failing:
             status, payload, headers = self.fail_with
             return JSONResponse(payload, status_code=status, headers=headers)
         width, height = self.force_size or _size(body.get("size", "1024x1024"))
@@ -51,10 +58,12 @@ class RecordingUpstream:
         data = []
         for index in range(body.get("n", 1)):
             image = make_image(fmt, (width, height), colour=(index * 40 % 256, 90, 160))
+            self.produced.append(image)
             if body.get("response_format") == "url":
                 name = secrets.token_hex(8)
                 self.files[name] = (image, MEDIA[fmt])
-                data.append({"url": f"{request.base_url}files/{name}"})
+                base = self.url_base or str(request.base_url).rstrip("/")
+                data.append({"url": f"{base}/files/{name}"})
             else:
                 data.append({"b64_json": base64.b64encode(image).decode()})
         return JSONResponse({"created": 1, "data": data})

@@ -59,7 +59,13 @@ class OpenAICompatibleProvider:
             )
         if response.status_code != 200:
             raise error_for_status(response, provider=self.name, secrets=[key or ""])
-        return self._images(response.json(), job)
+        try:
+            payload = response.json()
+        except (ValueError, UnicodeDecodeError):
+            raise UpstreamError(
+                "The openai upstream answered with something other than JSON."
+            ) from None
+        return self._images(payload, job)
 
     def _body(self, job: ImageJob) -> dict[str, Any]:
         route = job.route
