@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flux_proxy.fields import FieldRule
+
 OutputFormat = Literal["png", "jpeg", "gif", "webp", "avif"]
 LOSSY_FORMATS: frozenset[str] = frozenset({"jpeg", "webp", "avif"})
 
@@ -92,8 +94,9 @@ class Capabilities(BaseModel):
     output_formats: tuple[OutputFormat, ...] = ("png",)
     # Whether the provider honours output_compression for its lossy formats.
     accepts_compression: bool = False
-    # Provider names for fields the gateway passes on, e.g. {"output_quality": "quality"}.
-    renames: dict[str, str] = Field(default_factory=dict)
+    # The provider's name, type and range per public field, e.g.
+    # {"output_compression": "output_quality", "safety_tolerance": {"type": "string"}}.
+    fields: dict[str, FieldRule] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -110,7 +113,7 @@ class Capabilities(BaseModel):
         """A copy with config overrides merged in (nested tables merge key by key)."""
         merged = self.model_dump()
         for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict) and key == "sizes":
+            if isinstance(value, dict) and key in ("sizes", "fields"):
                 merged[key] = {**merged[key], **value}
             else:
                 merged[key] = value

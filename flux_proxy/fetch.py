@@ -39,10 +39,7 @@ class ImageFetcher:
     async def fetch(self, url: str) -> bytes:
         if url.startswith("data:"):
             return _decode_data_uri(url)
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UpstreamError("The upstream returned an image URL the gateway cannot fetch.")
-        await self._check_host(parts.hostname)
+        await self.check_url(url)
         try:
             async with self._http.stream("GET", url) as response:
                 if response.status_code != 200:
@@ -73,7 +70,16 @@ class ImageFetcher:
             image.media_type = f"image/{fmt}"
         return image
 
-    async def _check_host(self, host: str) -> None:
+    async def check_url(self, url: str) -> None:
+        """Refuse URLs the gateway should not request (see the module's docstring).
+
+        Providers call this too before following a URL an upstream handed them
+        (a polling or result URL).
+        """
+        parts = urlsplit(url)
+        host = parts.hostname
+        if parts.scheme not in ("http", "https") or not host:
+            raise UpstreamError("The upstream returned a URL the gateway cannot fetch.")
         if host.lower() in self._trusted:
             return
         try:
@@ -84,7 +90,7 @@ class ImageFetcher:
             address = ipaddress.ip_address(info[4][0])
             if not address.is_global:
                 raise UpstreamError(
-                    "The upstream returned an image URL on a private address; "
+                    "The upstream returned a URL on a private address; "
                     "the gateway does not fetch from there."
                 )
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
     from flux_proxy.pipeline import MiddlewareFactory
     from flux_proxy.providers.base import ProviderFactory
 
@@ -23,6 +25,8 @@ hookimpl = pluggy.HookimplMarker("flux_proxy")
 
 RegisterProvider = Callable[[str, "ProviderFactory"], None]
 RegisterMiddleware = Callable[[str, "MiddlewareFactory"], None]
+EmulatorFactory = Callable[[], "ASGIApp"]
+RegisterEmulator = Callable[[str, EmulatorFactory], None]
 
 
 @hookspec
@@ -39,4 +43,13 @@ def register_middlewares(register: RegisterMiddleware) -> None:
 
     ``factory(runtime)`` returns an ``ImageMiddleware``; settings' ``middlewares``
     list names which run, in which order.
+    """
+
+
+@hookspec
+def register_emulators(register: RegisterEmulator) -> None:
+    """Call ``register(name, factory)`` for each provider emulator the plugin ships.
+
+    ``factory()`` returns an ASGI app speaking the provider's protocol, for offline
+    tests and for trying the gateway with no keys (``flux-proxy emulate NAME``).
     """

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pluggy
 
 from flux_proxy import hookspecs
+from flux_proxy.hookspecs import EmulatorFactory
 from flux_proxy.pipeline import MiddlewareFactory
 from flux_proxy.providers.base import ProviderFactory
 
@@ -24,6 +25,7 @@ BUILTIN_PLUGINS = (
 class Registry:
     providers: dict[str, ProviderFactory] = field(default_factory=dict)
     middlewares: dict[str, MiddlewareFactory] = field(default_factory=dict)
+    emulators: dict[str, EmulatorFactory] = field(default_factory=dict)
 
 
 def load_registry(extra_plugins: Iterable[object] = (), *, entry_points: bool = True) -> Registry:
@@ -40,4 +42,5 @@ def load_registry(extra_plugins: Iterable[object] = (), *, entry_points: bool = 
     registry = Registry()
     manager.hook.register_providers(register=registry.providers.__setitem__)
     manager.hook.register_middlewares(register=registry.middlewares.__setitem__)
+    manager.hook.register_emulators(register=registry.emulators.__setitem__)
     return registry

@@ -9,6 +9,7 @@ normalisation report.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -125,6 +126,24 @@ class ImageResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """Something a provider can tell a streaming client before the images are done."""
+
+    provider: str
+    status: str  # the provider's own word: "IN_QUEUE", "Pending", "processing", ...
+    queue_position: int | None = None
+    fraction: float | None = None  # 0..1 when the provider reports progress
+    preview: bytes | None = None  # a partial image, when the provider gives one
+
+
+ProgressSink = Callable[[Progress], Awaitable[None]]
+
+
+async def _ignore_progress(progress: Progress) -> None:
+    del progress
+
+
+@dataclass(frozen=True, slots=True)
 class ImageJob:
     """One request as the layers below should carry it out."""
 
@@ -141,3 +160,5 @@ class ImageJob:
     seed: int | None = None
     # Provider-bound fields the gateway does not interpret, in the client's order.
     fields: dict[str, Any] = field(default_factory=dict)
+    # Where providers send progress; a streaming response turns it into events.
+    progress: ProgressSink = _ignore_progress

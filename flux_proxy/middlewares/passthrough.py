@@ -1,13 +1,16 @@
 """Unknown-parameter passthrough: fields the gateway does not know go to the provider.
 
 The job already carries the client's unknown fields in order; this layer applies
-the renames the provider declares and reports what happened to each field.
+the provider's field rules (renames, type conversions, ranges) and reports what
+happened to each field.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
+from flux_proxy.fields import convert, describe
 from flux_proxy.pipeline import CallNext
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import ImageJob, ImageResult
@@ -18,14 +21,12 @@ class PassthroughMiddleware:
         del runtime  # nothing to configure; the signature is every middleware's
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
-        renames = job.route.capabilities.renames
+        rules = job.route.capabilities.fields
         provider = job.route.provider.name
-        fields = {}
-        for name, value in job.fields.items():
-            native = renames.get(name, name)
-            fields[native] = value
-            if native == name:
-                job.report.record(name, "passthrough", f"sent to {provider} unchanged")
-            else:
-                job.report.record(name, "renamed", f"sent to {provider} as {native}")
+        fields: dict[str, Any] = {}
+        for param, value in job.fields.items():
+            name, native = convert(param, value, rules.get(param))
+            fields[name] = native
+            handling, detail = describe(param, value, name, native)
+            job.report.record(param, handling, f"{detail} to {provider}")
         return await call_next(replace(job, fields=fields))

@@ -18,6 +18,7 @@ from typing import Any
 from flux_proxy.capabilities import Capabilities
 from flux_proxy.config import ModelConfig
 from flux_proxy.errors import UpstreamError
+from flux_proxy.fields import NativeBody
 from flux_proxy.hookspecs import RegisterProvider, hookimpl
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, ImageJob
@@ -70,25 +71,24 @@ class OpenAICompatibleProvider:
     def _body(self, job: ImageJob) -> dict[str, Any]:
         route = job.route
         options = route.config.options
-        body: dict[str, Any] = {"model": route.upstream_model, "prompt": job.request.prompt}
-        job.report.record("prompt", "passthrough", "prompt")
+        native = NativeBody(job)
+        native.body["model"] = route.upstream_model
+        native.put("prompt", job.request.prompt)
         if job.n != 1:
-            body["n"] = job.n
+            native.put("n", job.n)
         if job.width and job.height:
-            body["size"] = f"{job.width}x{job.height}"
+            native.body["size"] = f"{job.width}x{job.height}"
         # The upstream's default format (listed first) needs no field; others do.
         if job.output_format and job.output_format != route.capabilities.output_formats[0]:
-            body["output_format"] = job.output_format
+            native.put("output_format", job.output_format)
         if job.output_compression is not None:
-            body["output_compression"] = job.output_compression
+            native.put("output_compression", job.output_compression)
         if options.get("response_format"):
-            body["response_format"] = options["response_format"]
+            native.body["response_format"] = options["response_format"]
         if job.seed is not None and options.get("send_seed", True):
-            body["seed"] = job.seed
-            if job.report.get("seed") is None:
-                job.report.record("seed", "passthrough", "seed")
-        body.update(job.fields)
-        return body
+            native.put("seed", job.seed)
+        native.put_fields()
+        return native.body
 
     def _images(self, payload: Any, job: ImageJob) -> list[GeneratedImage]:
         items = payload.get("data") if isinstance(payload, dict) else None

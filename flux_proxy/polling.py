@@ -1,0 +1,72 @@
+"""Helpers for providers that submit a task and poll for it.
+
+Polls wait what the provider suggests (``Retry-After``) or back off from a short
+first interval; the waits are ``anyio.sleep``, never blocking. The overall
+deadline is the request's own (``limits.request_timeout``). When the request is
+cancelled (the client went away, or the deadline passed) ``cancel_upstream_on_exit``
+tells the provider to stop the task where the provider allows it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+
+logger = logging.getLogger("flux_proxy")
+
+
+class Backoff:
+    """Delays between polls: the provider's hint when it gives one, else growing."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 5.0, factor: float = 1.5) -> None:
+        self._next = initial
+        self._maximum = maximum
+        self._factor = factor
+
+    def delay(self, retry_after: str | None = None) -> float:
+        hinted = retry_after_seconds(retry_after)
+        if hinted is not None:
+            return min(hinted, self._maximum)
+        delay = self._next
+        self._next = min(self._next * self._factor, self._maximum)
+        return delay
+
+    async def wait(self, retry_after: str | None = None) -> None:
+        await anyio.sleep(self.delay(retry_after))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: either a number or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@asynccontextmanager
+async def cancel_upstream_on_exit(
+    cancel: Callable[[], Awaitable[None]], *, grace: float = 5.0
+) -> AsyncIterator[None]:
+    """Run ``cancel()`` if the block is cancelled, shielded and bounded by ``grace`` seconds."""
+    try:
+        yield
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True), anyio.move_on_after(grace):
+            try:
+                await cancel()
+            except Exception:  # best effort: the request is gone either way
+                logger.warning("cancelling the upstream task failed", exc_info=True)
+        raise
