@@ -87,6 +87,18 @@ class FluxProxy:
             for key in (self.runtime.secret(settings.auth.api_keys_env) or "").split(",")
             if key.strip()
         ]
+        from flux_proxy.forward import Forwarder
+
+        # Standalone only: mounted, the host app owns every other request.
+        self._forwarder: Forwarder | None = None
+        if app is None and settings.forward.base_url is not None:
+            self._forwarder = Forwarder(
+                self.runtime.http,
+                settings.forward,
+                self.runtime.secret(settings.forward.api_key_env),
+                # A client key the gateway checked is its credential, not the upstream's.
+                forward_authorization=not self._client_keys,
+            )
         self._started = int(time.time())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -289,6 +301,16 @@ class FluxProxy:
     async def _fall_through(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._app is not None:
             await self._app(scope, receive, send)
+            return
+        if self._forwarder is not None and scope["type"] == "http":
+            # Client keys guard the forward too, or any client could spend the
+            # operator's upstream key without one.
+            try:
+                self._authenticate(Headers(scope=scope))
+            except GatewayError as refused:
+                await _error_response(refused)(scope, receive, send)
+                return
+            await self._forwarder(scope, receive, send)
             return
         if scope["type"] == "http":
             error = NotFound(f"No route for {scope.get('path', '')}.", code="unknown_url")

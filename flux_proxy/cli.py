@@ -11,6 +11,17 @@ from collections.abc import Sequence
 from flux_proxy.config import ConfigError, load_settings
 
 
+def _port(text: str) -> int:
+    """A TCP port number; uvicorn would silently wrap 70000 to 4464."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, not {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flux-proxy", description="OpenAI-compatible image-generation gateway."
@@ -23,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serves model flux1.1-pro (alias flux-pro-1.1) from the local renderer.",
     )
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
+    serve.add_argument("--port", type=_port, help="port to listen on (default: server.port, 8080)")
     serve.add_argument(
         "--config",
-        default=os.environ.get("FLUX_PROXY_CONFIG"),
-        help="YAML settings file (default: $FLUX_PROXY_CONFIG; none: the embedded default)",
+        # An empty FLUX_PROXY_CONFIG means no file, not the current directory.
+        default=os.environ.get("FLUX_PROXY_CONFIG") or None,
+        help="YAML (or .toml) settings file (default: $FLUX_PROXY_CONFIG; "
+        "none: the embedded default)",
     )
     serve.add_argument(
         "--log-level",
@@ -57,6 +70,9 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"flux-proxy: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. store.directory cannot be created
+        print(f"flux-proxy: cannot start: {error}", file=sys.stderr)
+        return 1
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     uvicorn.run(app, host=host, port=port, log_level=args.log_level, proxy_headers=True)

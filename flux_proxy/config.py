@@ -1,7 +1,12 @@
-"""Settings: one YAML file plus ``FLUX_PROXY_*`` environment variables.
+"""Settings: one YAML (or TOML, by the ``.toml`` suffix) file plus ``FLUX_PROXY_*``
+environment variables.
 
 Environment variables name a section and a key joined by a double underscore,
 ``FLUX_PROXY_LIMITS__MAX_N=4`` sets ``limits.max_n``; they win over the file.
+A value is read by the type of the setting it names: text settings take the
+value verbatim (``FLUX_PROXY_SERVER__HOST=::``), list settings take YAML flow
+lists or comma-separated items (``FLUX_PROXY_MIDDLEWARES=size,passthrough``),
+everything else is read as a YAML scalar or flow collection (``4``, ``true``).
 Secrets (provider keys, client keys, the URL-signing key) are never stored in
 settings, only the *names* of the environment variables that hold them.
 """
@@ -9,9 +14,12 @@ settings, only the *names* of the environment variables that hold them.
 from __future__ import annotations
 
 import os
+import tomllib
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -84,6 +92,31 @@ class FetchSettings(_Section):
     allow_private_hosts: list[str] = Field(default_factory=list)
 
 
+class ForwardSettings(_Section):
+    # Standalone mode only: requests that are not the gateway's own image routes go
+    # here unchanged, so a client can point its whole base_url at the gateway.
+    # The client's path is appended as is ("https://api.openai.com" + "/v1/chat/completions").
+    # Unset: such requests are answered 404. Mounted mode always hands them to the host app.
+    base_url: str | None = None
+    # Names the variable holding the upstream key that replaces the client's Authorization;
+    # unset or empty: the client's own Authorization is forwarded (unless the gateway
+    # checked it as a client key, which is never passed on).
+    api_key_env: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_shape(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            # The client's own query string is what gets forwarded; one here would be lost.
+            raise ValueError("must not have a query string or fragment")
+        return value.strip().rstrip("/")
+
+
 class DefaultSettings(_Section):
     output_format: Literal["png", "jpeg", "gif", "webp", "avif"] = "png"
     response_format: Literal["url", "b64_json"] = "url"
@@ -115,6 +148,7 @@ class Settings(_Section):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
+    forward: ForwardSettings = Field(default_factory=ForwardSettings)
     defaults: DefaultSettings = Field(default_factory=DefaultSettings)
     # The image middleware stack, outermost first; names registered by plugins.
     middlewares: list[str] = Field(default_factory=lambda: list(DEFAULT_MIDDLEWARES))
@@ -124,25 +158,31 @@ class Settings(_Section):
 def load_settings(
     path: str | Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    """Read the YAML file (if any), lay the environment over it, and validate."""
+    """Read the file (if any), lay the environment over it, and validate."""
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_yaml(Path(path))
-    _merge(data, _from_environment(environ))
+        data = _read_file(Path(path))
+    overlay, origins = _from_environment(environ)
+    _merge(data, overlay)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(_describe(exc, path, origins)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_file(path: Path) -> dict[str, Any]:
+    kind = "TOML" if path.suffix.lower() == ".toml" else "YAML"
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    try:
+        loaded = tomllib.loads(text) if kind == "TOML" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {kind}: {_syntax_error(exc)}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -150,21 +190,94 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+def _syntax_error(exc: Exception) -> str:
+    """A one-line description of a YAML/TOML syntax error, with its position."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = exc.problem or exc.context or "syntax error"
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
+def _from_environment(
+    environ: Mapping[str, str],
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The settings named by ``FLUX_PROXY_*`` variables, and which variable set each."""
     sections = set(Settings.model_fields)
     found: dict[str, Any] = {}
-    for name, raw in environ.items():
+    origins: dict[tuple[str, ...], str] = {}
+    for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         if path[0] not in sections or (len(path) == 1 and path[0] != "middlewares"):
             continue  # e.g. FLUX_PROXY_API_KEYS holds a secret, not a setting
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _env_value(name, raw, _annotation_at(path))
         node = found
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
+        for depth, key in enumerate(path[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                other = origins.get(tuple(path[: depth + 1]), "another variable")
+                raise ConfigError(f"{name} conflicts with {other}: both set {'.'.join(path)}")
+            node = child
+        if isinstance(node.get(path[-1]), dict):
+            raise ConfigError(f"{name} conflicts with {name}__*: both set {'.'.join(path)}")
         node[path[-1]] = value
-    return found
+        origins[tuple(path)] = name
+    return found, origins
+
+
+def _env_value(name: str, raw: str, annotation: Any) -> Any:
+    if not raw.strip():
+        return None
+    kinds = _kinds(annotation)
+    if kinds == {"text"}:
+        # Verbatim: YAML would make "::" a mapping, "no" False and "1.10" the number 1.1.
+        return raw
+    if kinds == {"list"} and not raw.lstrip().startswith("["):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: cannot read the value: {_syntax_error(exc)}") from None
+
+
+def _annotation_at(path: list[str]) -> Any:
+    """The declared type of the setting at ``path``; ``Any`` where free-form or unknown."""
+    annotation: Any = Settings
+    for key in path:
+        inner = _strip_optional(annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            field = inner.model_fields.get(key)
+            if field is None:
+                return Any  # unknown key: validation names it
+            annotation = field.annotation
+        elif get_origin(inner) is dict:
+            annotation = get_args(inner)[1]
+        else:
+            return Any
+    return annotation
+
+
+def _strip_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def _kinds(annotation: Any) -> set[str]:
+    """How an environment value for a setting of this type is read: text, list or YAML."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return set().union(*(_kinds(arg) for arg in get_args(annotation) if arg is not type(None)))
+    if annotation is str or annotation is Path:
+        return {"text"}
+    if get_origin(annotation) is Literal:
+        return {"text"} if all(isinstance(arg, str) for arg in get_args(annotation)) else {"yaml"}
+    if get_origin(annotation) in (list, tuple):
+        return {"list"}
+    return {"yaml"}
 
 
 def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> None:
@@ -175,10 +288,19 @@ def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> None:
             base[key] = value
 
 
-def _describe(exc: ValidationError, path: str | Path | None) -> str:
+def _describe(
+    exc: ValidationError,
+    path: str | Path | None,
+    origins: Mapping[tuple[str, ...], str] | None = None,
+) -> str:
     where = f" in {path}" if path else ""
     lines = [f"invalid configuration{where}:"]
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        lines.append(f"  {key}: {error['msg']}")
+        loc = tuple(str(part) for part in error["loc"])
+        key = ".".join(loc) or "(top level)"
+        source = next(
+            (name for keys, name in (origins or {}).items() if loc[: len(keys)] == keys), None
+        )
+        note = f" (from {source})" if source else ""
+        lines.append(f"  {key}: {error['msg']}{note}")
     return "\n".join(lines)
