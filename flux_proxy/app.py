@@ -7,7 +7,6 @@ JSON is parsed once here, on the way in, and rendered once, on the way out.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
 import logging
@@ -17,7 +16,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 from pydantic import ValidationError
 from starlette.datastructures import Headers
@@ -34,21 +32,16 @@ from flux_proxy.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
-    UpstreamTimeout,
 )
+from flux_proxy.generation import Generator, cancel_on_disconnect, render_json, render_stream
 from flux_proxy.pipeline import build_stack, call_provider
 from flux_proxy.plugins import load_registry
 from flux_proxy.routing import Router
 from flux_proxy.runtime import Runtime
-from flux_proxy.schema import ImageJob, ImageRequest, ImageResult, Report
+from flux_proxy.schema import ImageRequest
 from flux_proxy.store import is_valid_name
 
 logger = logging.getLogger("flux_proxy")
-
-REPORT_HEADER = "x-flux-proxy-params"
-PROVIDER_HEADER = "x-flux-proxy-provider"
-# ImagesResponse.output_format admits only these (OpenAI spec).
-SPEC_OUTPUT_FORMATS = frozenset({"png", "webp", "jpeg"})
 
 _FILE_ROUTE = re.compile(r"^/images/files/([^/]+)$")
 _MODEL_ROUTE = re.compile(r"^/models/([^/]+)$")
@@ -69,7 +62,7 @@ class FluxProxy:
         settings = _as_settings(config, environ)
         registry = load_registry(plugins)
         self.settings = settings
-        self.runtime = Runtime.create(settings, environ, transport)
+        self.runtime = Runtime(settings, environ, transport)
         providers = {name: factory(self.runtime) for name, factory in registry.providers.items()}
         self.router = Router(settings, providers)
         unknown = [name for name in settings.middlewares if name not in registry.middlewares]
@@ -79,7 +72,7 @@ class FluxProxy:
                 f"(installed: {', '.join(sorted(registry.middlewares))})"
             )
         stack = [registry.middlewares[name](self.runtime) for name in settings.middlewares]
-        self._generate_images = build_stack(stack, call_provider)
+        self._generator = Generator(settings, stack, build_stack(stack, call_provider))
         self._app = app
         self._prefix = settings.server.api_prefix
         self._client_keys = [
@@ -93,7 +86,7 @@ class FluxProxy:
         self._forwarder: Forwarder | None = None
         if app is None and settings.forward.base_url is not None:
             self._forwarder = Forwarder(
-                self.runtime.http,
+                lambda: self.runtime.http,
                 settings.forward,
                 self.runtime.secret(settings.forward.api_key_env),
                 # A client key the gateway checked is its credential, not the upstream's.
@@ -126,67 +119,58 @@ class FluxProxy:
         else:
             await self._fall_through(scope, receive, send)
             return
+        response: Response | None
         if handler is None:
             response = _error_response(MethodNotAllowed(f"{method} is not allowed on {path}."))
         else:
             response = await self._respond(handler, request, route)
-        await response(scope, receive, send)
+        if response is not None:  # None: the client went away and its work was cancelled
+            await response(scope, receive, send)
 
-    async def _respond(self, handler: Any, request: Request, route: str) -> Response:
+    async def _respond(self, handler: Any, request: Request, route: str) -> Response | None:
         started = time.perf_counter()
         try:
-            response: Response = await handler(request, route)
+            response: Response | None = await handler(request, route)
         except GatewayError as error:
             response = _error_response(error)
         except Exception:
             logger.exception("unexpected failure on %s %s", request.method, request.url.path)
             response = _error_response(InternalError("The gateway failed unexpectedly."))
         logger.info(
-            "%s %s -> %d in %.0f ms",
+            "%s %s -> %s in %.0f ms",
             request.method,
             request.url.path,
-            response.status_code,
+            response.status_code if response is not None else "client gone",
             (time.perf_counter() - started) * 1000,
         )
         return response
 
     # --- routes -----------------------------------------------------------------
 
-    async def _generations(self, request: Request, route: str) -> Response:
+    async def _generations(self, request: Request, route: str) -> Response | None:
         self._authenticate(request.headers)
         payload = await self._json_body(request)
         image_request = _validate(payload)
-        if image_request.stream:
-            raise InvalidRequest("Streaming is not supported by this gateway yet.", param="stream")
         model_name = image_request.model or self.router.default_model()
         if model_name is None:
             raise InvalidRequest("'model' is required: name one of GET /v1/models.", param="model")
         model = self.router.resolve(model_name)
-        report = Report()
-        report.record(
-            "model",
-            "converted",
-            f"served by provider {model.provider.name} as {model.upstream_model}",
-        )
-        job = ImageJob(
-            request=image_request,
-            route=model,
-            report=report,
-            public_url=self._public_url(request),
-            n=image_request.n,
-            seed=image_request.seed,
-            output_compression=image_request.output_compression,
-            fields=image_request.extras,
-        )
-        try:
-            with anyio.fail_after(self.settings.limits.request_timeout):
-                result = await self._generate_images(job)
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"The request took longer than this gateway's limit of "
-                f"{self.settings.limits.request_timeout:g} seconds."
-            ) from None
-        return self._render(image_request, result, list(payload))
+        public_url = self._public_url(request)
+        sent = list(payload)
+        if image_request.stream:
+            self._generator.check(image_request, model, public_url)
+            return render_stream(
+                lambda progress: self._generator.generate(
+                    image_request, model, public_url, progress
+                ),
+                sent,
+            )
+
+        async def work() -> Response:
+            result = await self._generator.generate(image_request, model, public_url)
+            return render_json(image_request, result, sent, self.settings)
+
+        return await cancel_on_disconnect(request.receive, work)
 
     async def _models(self, request: Request, route: str) -> Response:
         self._authenticate(request.headers)
@@ -229,8 +213,8 @@ class FluxProxy:
             "id": name,
             "object": "model",
             "created": self._started,
-            "owned_by": f"flux-proxy:{route.provider.name}",
-            "description": route.provider.description(route.config),
+            "owned_by": route.owned_by,
+            "description": route.description,
         }
 
     def _authenticate(self, headers: Headers) -> None:
@@ -268,35 +252,11 @@ class FluxProxy:
 
     def _public_url(self, request: Request) -> str:
         configured = self.settings.server.public_url
-        base = configured if configured else str(request.base_url)
-        return base.rstrip("/") + self._prefix
-
-    def _render(self, request: ImageRequest, result: ImageResult, sent: list[str]) -> Response:
-        wanted = request.response_format or self.settings.defaults.response_format
-        data = []
-        for image in result.images:
-            if wanted == "url":
-                if image.url is None:
-                    raise InternalError("An image reached the response without a URL.")
-                entry: dict[str, str] = {"url": image.url}
-            else:
-                if image.data is None:
-                    raise InternalError("An image reached the response without its bytes.")
-                entry = {"b64_json": base64.b64encode(image.data).decode("ascii")}
-            if image.revised_prompt:
-                entry["revised_prompt"] = image.revised_prompt
-            data.append(entry)
-        body: dict[str, Any] = {"created": int(time.time()), "data": data}
-        if result.output_format in SPEC_OUTPUT_FORMATS:
-            body["output_format"] = result.output_format
-        for param in sent:
-            if result.report.get(param) is None:
-                result.report.record(param, "ignored", "not used by this model's provider")
-        headers = {
-            REPORT_HEADER: result.report.header_value(sent),
-            PROVIDER_HEADER: result.provider,
-        }
-        return JSONResponse(body, headers=headers)
+        if configured:
+            return configured.rstrip("/") + self._prefix
+        # root_path, not Starlette's app-level base_url: under a Mount it carries the prefix.
+        root = request.scope.get("root_path", "")
+        return f"{request.url.scheme}://{request.url.netloc}{root}{self._prefix}"
 
     async def _fall_through(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._app is not None:

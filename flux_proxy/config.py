@@ -22,7 +22,14 @@ from typing import Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "FLUX_PROXY_"
 
@@ -122,23 +129,51 @@ class DefaultSettings(_Section):
     response_format: Literal["url", "b64_json"] = "url"
 
 
-class ModelConfig(_Section):
+class ProviderConfig(_Section):
+    """One provider that can serve a public model."""
+
     provider: str
     # The provider's own name for the model; defaults to the public name.
     upstream_model: str | None = None
     base_url: str | None = None
     api_key_env: str | None = None
-    aliases: list[str] = Field(default_factory=list)
-    description: str | None = None
     # Overrides of the provider's declared capabilities (see flux_proxy/capabilities.py).
     capabilities: dict[str, Any] = Field(default_factory=dict)
     # Provider-specific options.
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+PROVIDER_KEYS = frozenset(ProviderConfig.model_fields)
+
+
+class ModelConfig(_Section):
+    """A public model, served by an ordered list of providers (the next one serves
+    when one fails in a retryable way). ``provider:`` with its keys inline is the
+    short form of a one-entry ``providers:`` list."""
+
+    providers: list[ProviderConfig] = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list)
+    description: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_provider(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or ("providers" in data and "provider" not in data):
+            return data
+        if "provider" not in data:
+            raise ValueError("give 'provider' (one) or 'providers' (a list)")
+        if "providers" in data:
+            raise ValueError("give either 'provider' (one) or 'providers' (a list), not both")
+        inline = {key: value for key, value in data.items() if key in PROVIDER_KEYS}
+        rest = {key: value for key, value in data.items() if key not in PROVIDER_KEYS}
+        return {**rest, "providers": [inline]}
+
+
 def _default_models() -> dict[str, ModelConfig]:
     return {
-        "flux1.1-pro": ModelConfig(provider="local", aliases=["flux-pro-1.1"]),
+        "flux1.1-pro": ModelConfig.model_validate(
+            {"provider": "local", "aliases": ["flux-pro-1.1"]}
+        ),
     }
 
 
@@ -153,6 +188,9 @@ class Settings(_Section):
     # The image middleware stack, outermost first; names registered by plugins.
     middlewares: list[str] = Field(default_factory=lambda: list(DEFAULT_MIDDLEWARES))
     models: dict[str, ModelConfig] = Field(default_factory=_default_models)
+
+    def provider_configs(self) -> list[ProviderConfig]:
+        return [target for model in self.models.values() for target in model.providers]
 
 
 def load_settings(
@@ -248,7 +286,10 @@ def _annotation_at(path: list[str]) -> Any:
     for key in path:
         inner = _strip_optional(annotation)
         if isinstance(inner, type) and issubclass(inner, BaseModel):
-            field = inner.model_fields.get(key)
+            # A model's inline provider keys are ProviderConfig's (see ModelConfig).
+            field = inner.model_fields.get(key) or (
+                ProviderConfig.model_fields.get(key) if inner is ModelConfig else None
+            )
             if field is None:
                 return Any  # unknown key: validation names it
             annotation = field.annotation

@@ -16,6 +16,8 @@ class GatewayError(Exception):
     status_code = 500
     error_type = "server_error"
     default_code: str | None = None
+    # Whether another provider may serve the same request (failover).
+    retryable = False
 
     def __init__(
         self,
@@ -95,6 +97,7 @@ class RateLimited(GatewayError):
     status_code = 429
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+    retryable = True
 
 
 class UpstreamError(GatewayError):
@@ -103,8 +106,6 @@ class UpstreamError(GatewayError):
     status_code = 502
     error_type = "server_error"
     default_code = "upstream_error"
-
-    # Whether another provider may be tried for the same request (failover).
     retryable = True
 
 

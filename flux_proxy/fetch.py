@@ -13,7 +13,7 @@ import base64
 import binascii
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 import anyio
@@ -27,7 +27,7 @@ from flux_proxy.schema import GeneratedImage
 class ImageFetcher:
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: Callable[[], httpx.AsyncClient],
         *,
         trusted_hosts: Iterable[str],
         max_bytes: int,
@@ -41,7 +41,7 @@ class ImageFetcher:
             return _decode_data_uri(url)
         await self.check_url(url)
         try:
-            async with self._http.stream("GET", url) as response:
+            async with self._http().stream("GET", url) as response:
                 if response.status_code != 200:
                     raise UpstreamError(
                         f"Fetching the upstream image failed with HTTP {response.status_code}."

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote, urlsplit
 
 import anyio
@@ -53,7 +53,7 @@ class ClientGone(Exception):
 class Forwarder:
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: Callable[[], httpx.AsyncClient],
         settings: ForwardSettings,
         api_key: str | None,
         *,
@@ -90,7 +90,7 @@ class Forwarder:
             # The shared client is never asked to merge in its defaults or its cookie
             # jar (build_request would): forwarded requests carry only the client's
             # own headers, and cookies one client's upstream set never reach another.
-            response = await self._http.send(request, stream=True, follow_redirects=False)
+            response = await self._http().send(request, stream=True, follow_redirects=False)
         except ClientGone:
             logger.info("%s %s: client disconnected while sending its body", method, path)
             return
@@ -180,7 +180,7 @@ class Forwarder:
             headers=headers,
             content=_body(receive) if has_body else None,
             # What build_request would have set: the client's configured timeouts.
-            extensions={"timeout": self._http.timeout.as_dict()},
+            extensions={"timeout": self._http().timeout.as_dict()},
         )
 
     async def _fail(

@@ -15,9 +15,21 @@ CallNext = Callable[[ImageJob], Awaitable[ImageResult]]
 
 
 class ImageMiddleware(Protocol):
-    """One layer: may change the job on the way down and the result on the way up."""
+    """One layer: may change the job on the way down and the result on the way up.
+
+    A layer may also define ``check(job) -> None``, raising a GatewayError for input
+    it would reject: a streaming response runs every check before it commits to a
+    200 status, so bad input still gets a plain 400.
+    """
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult: ...
+
+
+def run_checks(middlewares: Sequence[ImageMiddleware], job: ImageJob) -> None:
+    for middleware in middlewares:
+        check = getattr(middleware, "check", None)
+        if check is not None:
+            check(job)
 
 
 MiddlewareFactory = Callable[["Runtime"], ImageMiddleware]

@@ -1,25 +1,43 @@
-"""Public model names (and aliases) to the provider model that serves them."""
+"""Public model names (and aliases) to the providers that serve them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from flux_proxy.capabilities import Capabilities
-from flux_proxy.config import ConfigError, ModelConfig, Settings
+from flux_proxy.config import ConfigError, ModelConfig, ProviderConfig, Settings
 from flux_proxy.errors import ModelNotFound
 from flux_proxy.providers.base import Provider
 
 
 @dataclass(frozen=True, slots=True)
-class ModelRoute:
-    name: str  # the configured public name (aliases resolve to it)
-    config: ModelConfig
+class ProviderRoute:
+    """One provider serving one public model: what the middlewares and the provider see."""
+
+    model: str  # the configured public name (aliases resolve to it)
+    config: ProviderConfig
     provider: Provider
     capabilities: Capabilities
 
     @property
     def upstream_model(self) -> str:
-        return self.config.upstream_model or self.name
+        return self.config.upstream_model or self.model
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    name: str
+    config: ModelConfig
+    targets: list[ProviderRoute]  # in failover order
+
+    @property
+    def description(self) -> str:
+        first = self.targets[0]
+        return self.config.description or first.provider.description(first.config)
+
+    @property
+    def owned_by(self) -> str:
+        return "flux-proxy:" + ",".join(target.provider.name for target in self.targets)
 
 
 class Router:
@@ -27,18 +45,11 @@ class Router:
         self._routes: dict[str, ModelRoute] = {}
         self._by_name: dict[str, ModelRoute] = {}
         for name, model in settings.models.items():
-            provider = providers.get(model.provider)
-            if provider is None:
-                known = ", ".join(sorted(providers)) or "none"
-                raise ConfigError(
-                    f"models.{name}.provider: unknown provider {model.provider!r} "
-                    f"(installed: {known})"
-                )
-            try:
-                capabilities = provider.capabilities(model).with_overrides(model.capabilities)
-            except ValueError as exc:
-                raise ConfigError(f"models.{name}.capabilities: {exc}") from None
-            route = ModelRoute(name, model, provider, capabilities)
+            targets = [
+                _target(name, index, config, providers)
+                for index, config in enumerate(model.providers)
+            ]
+            route = ModelRoute(name, model, targets)
             self._routes[name] = route
             for public in (name, *model.aliases):
                 if public in self._by_name:
@@ -59,3 +70,30 @@ class Router:
     def default_model(self) -> str | None:
         """The model used when the request names none: the only one configured."""
         return next(iter(self._routes)) if len(self._routes) == 1 else None
+
+
+def _target(
+    name: str, index: int, config: ProviderConfig, providers: dict[str, Provider]
+) -> ProviderRoute:
+    where = f"models.{name}" if index == 0 else f"models.{name}.providers.{index}"
+    provider = providers.get(config.provider)
+    if provider is None:
+        known = ", ".join(sorted(providers)) or "none"
+        raise ConfigError(
+            f"{where}.provider: unknown provider {config.provider!r} (installed: {known})"
+        )
+    try:
+        capabilities = provider.capabilities(config).with_overrides(config.capabilities)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.capabilities: {_first_line(exc)}") from None
+    return ProviderRoute(name, config, provider, capabilities)
+
+
+def _first_line(exc: ValueError) -> str:
+    """pydantic's message without its help links: 'sizes.bogus: Extra inputs ...'."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        loc = ".".join(str(part) for part in first["loc"])
+        return f"{loc}: {first['msg']}" if loc else str(first["msg"])
+    return str(exc).splitlines()[0]

@@ -9,12 +9,11 @@ import logging
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
 
-from flux_proxy.config import Settings
+from flux_proxy.config import ConfigError, Settings
 from flux_proxy.fetch import ImageFetcher
 from flux_proxy.imaging import ImageWorker
 from flux_proxy.signing import UrlSigner
@@ -23,45 +22,48 @@ from flux_proxy.store import DirectoryImageStore, ImageStore, MemoryImageStore
 logger = logging.getLogger("flux_proxy")
 
 
-@dataclass
 class Runtime:
-    settings: Settings
-    environ: Mapping[str, str]
-    http: httpx.AsyncClient
-    images: ImageWorker
-    fetcher: ImageFetcher
-    store: ImageStore
-    signer: UrlSigner
+    """Created once per gateway; the HTTP client is opened on first use.
 
-    @classmethod
-    def create(
-        cls,
+    A lifespan shutdown closes the client; a host app whose lifespan runs again
+    (one test client per test, say) gets a fresh one on the next call.
+    """
+
+    def __init__(
+        self,
         settings: Settings,
         environ: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-    ) -> Runtime:
-        environ = os.environ if environ is None else environ
+    ) -> None:
+        self.settings = settings
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
         limits = settings.limits
-        http = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(limits.upstream_timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            follow_redirects=False,
-        )
         trusted = [
             host
-            for model in settings.models.values()
-            if model.base_url and (host := urlsplit(model.base_url).hostname)
+            for target in settings.provider_configs()
+            if target.base_url and (host := urlsplit(target.base_url).hostname)
         ] + settings.fetch.allow_private_hosts
-        return cls(
-            settings=settings,
-            environ=environ,
-            http=http,
-            images=ImageWorker(limits.image_workers),
-            fetcher=ImageFetcher(http, trusted_hosts=trusted, max_bytes=limits.max_fetch_bytes),
-            store=_make_store(settings),
-            signer=UrlSigner(_signing_key(settings, environ), settings.store.ttl_seconds),
+        self.images = ImageWorker(limits.image_workers)
+        self.fetcher = ImageFetcher(
+            lambda: self.http, trusted_hosts=trusted, max_bytes=limits.max_fetch_bytes
         )
+        self.store: ImageStore = _make_store(settings)
+        self.signer = UrlSigner(_signing_key(settings, self.environ), settings.store.ttl_seconds)
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The one client all upstream I/O goes through."""
+        if self._client is None or self._client.is_closed:
+            limits = self.settings.limits
+            self._client = httpx.AsyncClient(
+                transport=self._transport,
+                timeout=httpx.Timeout(limits.upstream_timeout, connect=10.0),
+                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+                follow_redirects=False,
+            )
+        return self._client
 
     def secret(self, env_name: str | None) -> str | None:
         """A secret from the environment, by the variable's name in config."""
@@ -70,15 +72,14 @@ class Runtime:
         return self.environ.get(env_name) or None
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
 
 def _make_store(settings: Settings) -> ImageStore:
     store = settings.store
     if store.backend == "directory":
         if store.directory is None:
-            from flux_proxy.config import ConfigError
-
             raise ConfigError("store.directory: required when store.backend is 'directory'")
         return DirectoryImageStore(store.directory, ttl_seconds=store.ttl_seconds)
     return MemoryImageStore(ttl_seconds=store.ttl_seconds, max_bytes=store.max_bytes)

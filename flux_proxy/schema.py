@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 if TYPE_CHECKING:
     from PIL import Image
 
-    from flux_proxy.routing import ModelRoute
+    from flux_proxy.routing import ProviderRoute
 
 Handling = Literal["passthrough", "renamed", "converted", "emulated", "ignored"]
 
@@ -148,7 +148,7 @@ class ImageJob:
     """One request as the layers below should carry it out."""
 
     request: ImageRequest  # as the client sent it; never changed
-    route: ModelRoute
+    route: ProviderRoute  # the provider serving this attempt
     report: Report
     # Base URL under which the gateway serves its own routes (for hosted images).
     public_url: str

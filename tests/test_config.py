@@ -67,19 +67,19 @@ def test_yaml_file_with_models_loads(tmp_path):
 
     assert list(settings.models) == ["flux-dev", "sketch"]
     dev = settings.models["flux-dev"]
-    assert dev.provider == "openai"
-    assert dev.upstream_model == "black-forest-labs/FLUX.1-dev"
-    assert dev.base_url == "http://upstream.internal:9000/v1"
-    assert dev.api_key_env == "UPSTREAM_KEY"
+    assert dev.providers[0].provider == "openai"
+    assert dev.providers[0].upstream_model == "black-forest-labs/FLUX.1-dev"
+    assert dev.providers[0].base_url == "http://upstream.internal:9000/v1"
+    assert dev.providers[0].api_key_env == "UPSTREAM_KEY"
     assert dev.aliases == ["dev", "flux-1-dev"]
-    assert dev.capabilities == {
+    assert dev.providers[0].capabilities == {
         "max_images_per_call": 4,
         "output_formats": ["jpeg", "png"],
         "sizes": {"multiple_of": 16},
     }
-    assert dev.options == {"response_format": "b64_json", "send_seed": False}
-    assert settings.models["sketch"].provider == "local"
-    assert settings.models["sketch"].upstream_model is None
+    assert dev.providers[0].options == {"response_format": "b64_json", "send_seed": False}
+    assert settings.models["sketch"].providers[0].provider == "local"
+    assert settings.models["sketch"].providers[0].upstream_model is None
     # Sections the file sets keep their other defaults.
     assert settings.limits.max_n == 2
     assert settings.limits.max_side == 2048
@@ -91,15 +91,16 @@ def test_loaded_models_are_routed_with_their_aliases_and_capability_overrides(tm
     settings = load_settings(write(tmp_path, FULL_CONFIG), {})
     proxy = FluxProxy(settings, environ={})
 
-    route = proxy.router.resolve("flux-1-dev")
-    assert route.name == "flux-dev"
+    model = proxy.router.resolve("flux-1-dev")
+    assert model.name == "flux-dev"
+    route = model.targets[0]
     assert route.upstream_model == "black-forest-labs/FLUX.1-dev"
     # Overrides replace the provider's declared values; nested sizes merge key by key.
     assert route.capabilities.max_images_per_call == 4
     assert route.capabilities.output_formats == ("jpeg", "png")
     assert route.capabilities.sizes.multiple_of == 16
     assert route.capabilities.sizes.max_side == 14142
-    assert proxy.router.resolve("sketch").provider.name == "local"
+    assert proxy.router.resolve("sketch").targets[0].provider.name == "local"
 
 
 def test_toml_file_loads(tmp_path):
@@ -132,7 +133,7 @@ def test_no_config_is_the_embedded_default():
     settings = load_settings(None, {})
     assert list(settings.models) == ["flux1.1-pro"]
     model = settings.models["flux1.1-pro"]
-    assert model.provider == "local"
+    assert model.providers[0].provider == "local"
     assert model.aliases == ["flux-pro-1.1"]
     assert settings.server.port == 8080
     assert settings.server.api_prefix == "/v1"
@@ -175,8 +176,11 @@ def test_environment_overrides_the_file_with_typed_values(tmp_path):
     assert settings.models["sketch"].aliases == ["s1", "s2"]
     # Nested overrides merge into the file's tables instead of replacing them.
     assert settings.limits.max_side == 2048
-    assert settings.models["flux-dev"].options == {"response_format": "b64_json", "send_seed": True}
-    assert settings.models["flux-dev"].provider == "openai"
+    assert settings.models["flux-dev"].providers[0].options == {
+        "response_format": "b64_json",
+        "send_seed": True,
+    }
+    assert settings.models["flux-dev"].providers[0].provider == "openai"
 
 
 def test_environment_alone_overrides_the_defaults():
@@ -194,20 +198,29 @@ async def test_environment_override_takes_effect_in_the_gateway():
 
 
 @pytest.mark.parametrize(
-    ("variable", "value"),
+    ("variable", "value", "path"),
     [
         # Text settings are taken verbatim, not as YAML ("::" is a mapping there, NO is false,
         # 1.10 is the number 1.1).
-        ("FLUX_PROXY_SERVER__HOST", "::"),
-        ("FLUX_PROXY_AUTH__API_KEYS_ENV", "NO"),
-        ("FLUX_PROXY_SERVER__PUBLIC_URL", "https://img.example.com:8443/x"),
-        ("FLUX_PROXY_MODELS__FLUX1.1-PRO__UPSTREAM_MODEL", "1.10"),
+        ("FLUX_PROXY_SERVER__HOST", "::", ("server", "host")),
+        ("FLUX_PROXY_AUTH__API_KEYS_ENV", "NO", ("auth", "api_keys_env")),
+        (
+            "FLUX_PROXY_SERVER__PUBLIC_URL",
+            "https://img.example.com:8443/x",
+            ("server", "public_url"),
+        ),
+        # A model's inline provider keys land in its one-entry providers list.
+        (
+            "FLUX_PROXY_MODELS__FLUX1.1-PRO__UPSTREAM_MODEL",
+            "1.10",
+            ("models", "flux1.1-pro", "providers", 0, "upstream_model"),
+        ),
     ],
 )
-def test_text_settings_from_the_environment_are_verbatim(variable, value):
+def test_text_settings_from_the_environment_are_verbatim(variable, value, path):
     environ = {"FLUX_PROXY_MODELS__FLUX1.1-PRO__PROVIDER": "local", variable: value}
     node: Any = load_settings(None, environ).model_dump()
-    for key in variable.removeprefix("FLUX_PROXY_").lower().split("__"):
+    for key in path:
         node = node[key]
     assert node == value
 
@@ -279,7 +292,7 @@ def test_unknown_model_field_is_named(tmp_path):
         ("limits:\n  max_n: 0\n", "limits.max_n"),
         ("server:\n  port: 70000\n", "server.port"),
         ("store:\n  backend: s3-ish\n", "store.backend"),
-        ("models:\n  m:\n    aliases: [x]\n", "models.m.provider"),
+        ("models:\n  m:\n    aliases: [x]\n", "models.m"),
         ("models:\n  m:\n    provider: local\n    aliases: x-and-y\n", "models.m.aliases"),
         ("middlewares: size\n", "middlewares"),
     ],

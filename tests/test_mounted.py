@@ -233,12 +233,6 @@ def test_sdk_through_a_mount_prefix(mounted, host):
     assert host.seen == ["/health"]
 
 
-@pytest.mark.xfail(
-    reason="app.py bug: FluxProxy._public_url uses Starlette's request.base_url, which is the "
-    "top-level app_root_path and drops the Mount prefix; image URLs point at /v1/... (404) "
-    "instead of /gateway/v1/...",
-    strict=True,
-)
 def test_image_url_through_a_mount_includes_the_prefix(mounted):
     client = openai.OpenAI(base_url=f"{mounted}/gateway/v1", api_key="x", max_retries=0, timeout=30)
     result = client.images.generate(model="flux1.1-pro", prompt="a fox", size="1024x1024")
@@ -274,13 +268,6 @@ def upstream() -> Iterator[str]:
         yield base_url
 
 
-@pytest.mark.xfail(
-    reason="app.py bug: FluxProxy._lifespan closes the shared httpx client at the first "
-    "shutdown and never reopens it, so a host app whose lifespan runs again (a module-level "
-    "app under one TestClient/LifespanManager per test) answers 500 'client has been closed' "
-    "for every upstream call",
-    strict=True,
-)
 @pytest.mark.anyio
 async def test_gateway_survives_a_second_lifespan_cycle(host, upstream):
     app = with_gateway(

@@ -17,12 +17,16 @@ class FanOutMiddleware:
         self._max_n = runtime.settings.limits.max_n
         self._concurrency = runtime.settings.limits.fanout_concurrency
 
-    async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
-        n = job.request.n
-        if n > self._max_n:
+    def check(self, job: ImageJob) -> None:
+        if job.request.n > self._max_n:
             raise InvalidRequest(
-                f"n must be at most {self._max_n} on this gateway; got {n}.", param="n"
+                f"n must be at most {self._max_n} on this gateway; got {job.request.n}.",
+                param="n",
             )
+
+    async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
+        self.check(job)
+        n = job.request.n
         per_call = job.route.capabilities.max_images_per_call
         sent = job.request.model_fields_set
         if n <= per_call:

@@ -20,6 +20,11 @@ class PassthroughMiddleware:
     def __init__(self, runtime: Runtime) -> None:
         del runtime  # nothing to configure; the signature is every middleware's
 
+    def check(self, job: ImageJob) -> None:
+        rules = job.route.capabilities.fields
+        for param, value in job.fields.items():
+            convert(param, value, rules.get(param))
+
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
         rules = job.route.capabilities.fields
         provider = job.route.provider.name

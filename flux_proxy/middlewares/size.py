@@ -21,15 +21,21 @@ class SizeMiddleware:
         self._limits = SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels)
         self._runtime = runtime
 
-    async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
+    def check(self, job: ImageJob) -> None:
+        self._target(job)
+
+    def _target(self, job: ImageJob) -> TargetSize:
         request = job.request
-        target = resolve_target(
+        return resolve_target(
             size=request.size,
             aspect_ratio=request.aspect_ratio,
             resolution=request.resolution,
             capabilities=job.route.capabilities,
             limits=self._limits,
         )
+
+    async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
+        target = self._target(job)
         width, height = native_size(target.width, target.height, job.route.capabilities.sizes)
         self._report(job, target, (width, height))
         result = await call_next(replace(job, width=width, height=height))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from flux_proxy.capabilities import Capabilities
-    from flux_proxy.config import ModelConfig
+    from flux_proxy.config import ProviderConfig
     from flux_proxy.runtime import Runtime
     from flux_proxy.schema import GeneratedImage, ImageJob
 
@@ -23,9 +23,9 @@ class Provider(Protocol):
 
     name: str
 
-    def capabilities(self, model: ModelConfig) -> Capabilities: ...
+    def capabilities(self, model: ProviderConfig) -> Capabilities: ...
 
-    def description(self, model: ModelConfig) -> str: ...
+    def description(self, model: ProviderConfig) -> str: ...
 
     async def generate(self, job: ImageJob) -> list[GeneratedImage]: ...
 

@@ -14,7 +14,7 @@ import secrets
 from PIL import Image, ImageDraw, ImageOps
 
 from flux_proxy.capabilities import Capabilities
-from flux_proxy.config import ModelConfig
+from flux_proxy.config import ProviderConfig
 from flux_proxy.hookspecs import RegisterProvider, hookimpl
 from flux_proxy.imaging import MEDIA_TYPES, encode
 from flux_proxy.runtime import Runtime
@@ -32,15 +32,15 @@ class LocalRenderer:
     def __init__(self, runtime: Runtime) -> None:
         self._images = runtime.images
 
-    def capabilities(self, model: ModelConfig) -> Capabilities:
+    def capabilities(self, model: ProviderConfig) -> Capabilities:
         return Capabilities(
             max_images_per_call=1,
             output_formats=("png", "jpeg", "webp"),
             accepts_compression=True,
         )
 
-    def description(self, model: ModelConfig) -> str:
-        return model.description or DESCRIPTION
+    def description(self, model: ProviderConfig) -> str:
+        return DESCRIPTION
 
     async def generate(self, job: ImageJob) -> list[GeneratedImage]:
         width, height = job.width or 1024, job.height or 1024

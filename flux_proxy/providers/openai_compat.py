@@ -16,7 +16,7 @@ import binascii
 from typing import Any
 
 from flux_proxy.capabilities import Capabilities
-from flux_proxy.config import ModelConfig
+from flux_proxy.config import ProviderConfig
 from flux_proxy.errors import UpstreamError
 from flux_proxy.fields import NativeBody
 from flux_proxy.hookspecs import RegisterProvider, hookimpl
@@ -33,14 +33,12 @@ class OpenAICompatibleProvider:
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
-    def capabilities(self, model: ModelConfig) -> Capabilities:
+    def capabilities(self, model: ProviderConfig) -> Capabilities:
         # Conservative defaults: what every OpenAI Images server does. Declare more in config.
         return Capabilities(max_images_per_call=1, output_formats=("png",))
 
-    def description(self, model: ModelConfig) -> str:
-        return (
-            model.description or f"{model.upstream_model or ''} via an OpenAI-compatible upstream"
-        )
+    def description(self, model: ProviderConfig) -> str:
+        return f"{model.upstream_model or 'a model'} via an OpenAI-compatible upstream"
 
     async def generate(self, job: ImageJob) -> list[GeneratedImage]:
         config = job.route.config

@@ -1,0 +1,287 @@
+"""One image request from validated input to response: failover, deadline, rendering.
+
+The middleware stack runs once per provider attempt. When an attempt fails in a
+retryable way (the upstream is down, rate limited, or rejected the gateway's own
+key) and the model lists another provider, that one serves the request; the
+report says which provider answered and which failed before it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import anyio
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive
+
+from flux_proxy.config import Settings
+from flux_proxy.errors import GatewayError, InternalError, UpstreamTimeout
+from flux_proxy.pipeline import CallNext, ImageMiddleware, run_checks
+from flux_proxy.routing import ModelRoute, ProviderRoute
+from flux_proxy.schema import (
+    GeneratedImage,
+    ImageJob,
+    ImageRequest,
+    ImageResult,
+    Progress,
+    ProgressSink,
+    Report,
+)
+
+logger = logging.getLogger("flux_proxy")
+
+REPORT_HEADER = "x-flux-proxy-params"
+PROVIDER_HEADER = "x-flux-proxy-provider"
+# ImagesResponse.output_format admits only these (OpenAI spec).
+SPEC_OUTPUT_FORMATS = frozenset({"png", "webp", "jpeg"})
+
+
+class Generator:
+    def __init__(
+        self, settings: Settings, middlewares: Sequence[ImageMiddleware], stack: CallNext
+    ) -> None:
+        self._settings = settings
+        self._middlewares = middlewares
+        self._stack = stack
+
+    def check(self, request: ImageRequest, model: ModelRoute, public_url: str) -> None:
+        """Reject bad input before a streaming response commits to 200."""
+        run_checks(self._middlewares, self._job(request, model.targets[0], public_url))
+
+    async def generate(
+        self,
+        request: ImageRequest,
+        model: ModelRoute,
+        public_url: str,
+        progress: ProgressSink | None = None,
+    ) -> ImageResult:
+        """Run the stack against each of the model's providers until one answers."""
+        limit = self._settings.limits.request_timeout
+        try:
+            with anyio.fail_after(limit):
+                return await self._first_success(request, model, public_url, progress)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"The request took longer than this gateway's limit of {limit:g} seconds."
+            ) from None
+
+    async def _first_success(
+        self,
+        request: ImageRequest,
+        model: ModelRoute,
+        public_url: str,
+        progress: ProgressSink | None,
+    ) -> ImageResult:
+        failed: list[str] = []
+        for attempt, target in enumerate(model.targets, start=1):
+            job = self._job(request, target, public_url)
+            if progress is not None:
+                job = replace(job, progress=progress)
+            try:
+                result = await self._stack(job)
+            except GatewayError as error:
+                if attempt == len(model.targets) or not error.retryable:
+                    raise
+                logger.warning(
+                    "provider %s failed for %s (%s); trying the next one",
+                    target.provider.name,
+                    model.name,
+                    error.code or error.status_code,
+                )
+                failed.append(f"{target.provider.name} ({error.code or error.status_code})")
+                continue
+            detail = f"served by provider {target.provider.name} as {target.upstream_model}"
+            if failed:
+                detail += " after " + ", ".join(failed) + " failed"
+            result.report.record("model", "converted", detail)
+            if "stream" in request.model_fields_set:
+                if request.stream:
+                    result.report.record(
+                        "stream", "emulated", "gateway sends progress, then the images, as events"
+                    )
+                else:
+                    result.report.record("stream", "passthrough", "one JSON response")
+            return result
+        raise InternalError("The model has no providers.")  # pragma: no cover - config forbids
+
+    @staticmethod
+    def _job(request: ImageRequest, target: ProviderRoute, public_url: str) -> ImageJob:
+        return ImageJob(
+            request=request,
+            route=target,
+            report=Report(),
+            public_url=public_url,
+            n=request.n,
+            seed=request.seed,
+            output_compression=request.output_compression,
+            fields=request.extras,
+        )
+
+
+async def cancel_on_disconnect(
+    receive: Receive,
+    work: Callable[[], Awaitable[Response]],
+) -> Response | None:
+    """Run ``work``; if the client disconnects first, cancel it and return None.
+
+    Cancelling reaches the provider, which tells its upstream to stop the task
+    where the provider allows it.
+    """
+    outcome: list[Response] = []
+    failure: list[Exception] = []
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            outcome.append(await work())
+        except Exception as error:  # re-raised bare below, not inside an ExceptionGroup
+            failure.append(error)
+        group.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    return outcome[0] if outcome else None
+
+
+def render_json(
+    request: ImageRequest, result: ImageResult, sent: list[str], settings: Settings
+) -> Response:
+    wanted = request.response_format or settings.defaults.response_format
+    data = []
+    for image in result.images:
+        if wanted == "url":
+            if image.url is None:
+                raise InternalError("An image reached the response without a URL.")
+            entry: dict[str, str] = {"url": image.url}
+        else:
+            entry = {"b64_json": _b64(image)}
+        if image.revised_prompt:
+            entry["revised_prompt"] = image.revised_prompt
+        data.append(entry)
+    body: dict[str, Any] = {"created": int(time.time()), "data": data}
+    if result.output_format in SPEC_OUTPUT_FORMATS:
+        body["output_format"] = result.output_format
+    return JSONResponse(body, headers=report_headers(result, sent))
+
+
+def report_headers(result: ImageResult, sent: list[str]) -> dict[str, str]:
+    for param in sent:
+        if result.report.get(param) is None:
+            result.report.record(param, "ignored", "not used by this model's provider")
+    return {
+        REPORT_HEADER: result.report.header_value(sent),
+        PROVIDER_HEADER: result.provider,
+    }
+
+
+def render_stream(
+    generate: Callable[[ProgressSink], Awaitable[ImageResult]], sent: list[str]
+) -> StreamingResponse:
+    """OpenAI's image-generation server-sent events.
+
+    Progress from polling providers comes as ``flux_proxy.progress`` events (the
+    official SDK's stream reader passes unknown event types through), previews as
+    ``image_generation.partial_image``, each finished image as
+    ``image_generation.completed``, and last a ``flux_proxy.report`` event with the
+    normalisation report. A failure is an ``error`` event in OpenAI's error shape.
+    """
+    sender, receiver = anyio.create_memory_object_stream[bytes](64)
+
+    async def on_progress(progress: Progress) -> None:
+        await sender.send(_sse(progress_event(progress)))
+
+    async def produce() -> None:
+        async with sender:
+            try:
+                result = await generate(on_progress)
+                for image in result.images:
+                    await sender.send(_sse(completed_event(image, result)))
+                headers = report_headers(result, sent)
+                report = json.loads(headers[REPORT_HEADER])
+                await sender.send(
+                    _sse(
+                        {"type": "flux_proxy.report", "provider": result.provider, "params": report}
+                    )
+                )
+            except GatewayError as error:
+                await sender.send(_sse(error.body(), event="error"))
+            except Exception:
+                logger.exception("unexpected failure while streaming")
+                await sender.send(
+                    _sse(InternalError("The gateway failed unexpectedly.").body(), event="error")
+                )
+
+    async def events() -> AsyncIterator[bytes]:
+        async with anyio.create_task_group() as group:
+            group.start_soon(produce)
+            async with receiver:
+                async for chunk in receiver:
+                    yield chunk
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def progress_event(progress: Progress) -> dict[str, Any]:
+    if progress.preview is not None:
+        return {
+            "type": "image_generation.partial_image",
+            "b64_json": base64.b64encode(progress.preview).decode("ascii"),
+            "created_at": int(time.time()),
+            "size": "auto",
+            "quality": "auto",
+            "background": "auto",
+            "output_format": "png",
+            "partial_image_index": 0,
+        }
+    return {
+        "type": "flux_proxy.progress",
+        "provider": progress.provider,
+        "status": progress.status,
+        "queue_position": progress.queue_position,
+        "progress": progress.fraction,
+    }
+
+
+def completed_event(image: GeneratedImage, result: ImageResult) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "image_generation.completed",
+        # An upstream URL returned as it is (store.return_upstream_urls) has no bytes here.
+        "b64_json": _b64(image) if image.data is not None else None,
+        "created_at": int(time.time()),
+        "size": f"{image.width}x{image.height}" if image.width else "auto",
+        "quality": "auto",
+        "background": "auto",
+        "output_format": result.output_format or "png",
+        "usage": {
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "total_tokens": 0,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+        },
+    }
+    if image.url is not None:
+        event["url"] = image.url
+    return event
+
+
+def _b64(image: GeneratedImage) -> str:
+    if image.data is None:
+        raise InternalError("An image reached the response without its bytes.")
+    return base64.b64encode(image.data).decode("ascii")
+
+
+def _sse(payload: dict[str, Any], event: str | None = None) -> bytes:
+    name = event or str(payload.get("type", "message"))
+    return f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
