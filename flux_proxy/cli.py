@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="log level (default: info)",
     )
+    emulate = commands.add_parser(
+        "emulate",
+        help="run a provider emulator (offline, no keys)",
+        description="Serve an installed plugin's emulator of its provider's protocol, "
+        "to try the gateway against it with no keys and no network.",
+    )
+    emulate.add_argument("name", help="the provider, e.g. bfl, fal, replicate")
+    emulate.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    emulate.add_argument("--port", type=_port, default=9100, help="port (default: 9100)")
     return parser
 
 
@@ -55,7 +64,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "emulate":
+        return emulate(args)
     return 2  # pragma: no cover - argparse enforces the subcommand
+
+
+def emulate(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from flux_proxy.plugins import load_registry
+
+    emulators = load_registry().emulators
+    factory = emulators.get(args.name)
+    if factory is None:
+        installed = ", ".join(sorted(emulators)) or "none installed"
+        print(f"flux-proxy: no emulator named {args.name!r} ({installed})", file=sys.stderr)
+        return 2
+    uvicorn.run(factory(), host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -290,3 +290,9 @@ def test_port_option_wins_over_the_config_file(spawn, tmp_path):
     assert wait_until_serving(server, f"http://127.0.0.1:{wanted}").status_code == 200
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{configured}/v1/models", timeout=1.0)
+
+
+def test_emulate_unknown_provider_names_the_installed_ones():
+    result = run("emulate", "no-such-provider")
+    message = assert_clean_failure(result)
+    assert "no-such-provider" in message
