@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flux_proxy.config import ConfigError, Settings, load_settings
+from flux_proxy.disconnect import unless_disconnected
 from flux_proxy.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -33,7 +34,7 @@ from flux_proxy.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from flux_proxy.generation import Generator, cancel_on_disconnect, render_json, render_stream
+from flux_proxy.generation import Generator, render_json, render_stream
 from flux_proxy.pipeline import build_stack, call_provider
 from flux_proxy.plugins import load_registry
 from flux_proxy.routing import Router
@@ -170,7 +171,7 @@ class FluxProxy:
             result = await self._generator.generate(image_request, model, public_url)
             return render_json(image_request, result, sent, self.settings)
 
-        return await cancel_on_disconnect(request.receive, work)
+        return await unless_disconnected(request.receive, work)
 
     async def _models(self, request: Request, route: str) -> Response:
         self._authenticate(request.headers)

@@ -20,11 +20,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote, urlsplit
 
-import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from flux_proxy.config import ForwardSettings
+from flux_proxy.disconnect import unless_disconnected
 from flux_proxy.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
 
 logger = logging.getLogger("flux_proxy")
@@ -123,21 +123,10 @@ class Forwarder:
 
     async def _relay(self, response: httpx.Response, receive: Receive, send: Send) -> str:
         """Stream ``response`` to the client; returns how that ended, for the log."""
-        outcome = "abandoned by the client"
-        async with anyio.create_task_group() as group:
-
-            async def watch_client() -> None:
-                # The server's send() silently discards bytes once the client is gone;
-                # without this watch an abandoned event stream would keep the upstream
-                # (and its bill) running to the end.
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                group.cancel_scope.cancel()
-
-            group.start_soon(watch_client)
-            outcome = await self._copy(response, send)
-            group.cancel_scope.cancel()
-        return outcome
+        # The server's send() silently discards bytes once the client is gone; without
+        # this an abandoned event stream would keep the upstream running to the end.
+        outcome = await unless_disconnected(receive, lambda: self._copy(response, send))
+        return outcome or "abandoned by the client"
 
     async def _copy(self, response: httpx.Response, send: Send) -> str:
         await send(

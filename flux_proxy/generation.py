@@ -18,7 +18,6 @@ from typing import Any
 
 import anyio
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive
 
 from flux_proxy.config import Settings
 from flux_proxy.errors import GatewayError, InternalError, UpstreamTimeout
@@ -122,35 +121,6 @@ class Generator:
             output_compression=request.output_compression,
             fields=request.extras,
         )
-
-
-async def cancel_on_disconnect(
-    receive: Receive,
-    work: Callable[[], Awaitable[Response]],
-) -> Response | None:
-    """Run ``work``; if the client disconnects first, cancel it and return None.
-
-    Cancelling reaches the provider, which tells its upstream to stop the task
-    where the provider allows it.
-    """
-    outcome: list[Response] = []
-    failure: list[Exception] = []
-    async with anyio.create_task_group() as group:
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            group.cancel_scope.cancel()
-
-        group.start_soon(watch)
-        try:
-            outcome.append(await work())
-        except Exception as error:  # re-raised bare below, not inside an ExceptionGroup
-            failure.append(error)
-        group.cancel_scope.cancel()
-    if failure:
-        raise failure[0]
-    return outcome[0] if outcome else None
 
 
 def render_json(
