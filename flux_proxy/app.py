@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from flux_proxy.config import ConfigError, Settings, load_settings
+from flux_proxy.config import ConfigError, Settings, describe_validation_error, load_settings
 from flux_proxy.disconnect import unless_disconnected
 from flux_proxy.errors import (
     AuthenticationFailed,
@@ -34,6 +34,7 @@ from flux_proxy.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from flux_proxy.forward import Forwarder
 from flux_proxy.generation import Generator, render_json, render_stream
 from flux_proxy.pipeline import build_stack, call_provider
 from flux_proxy.plugins import load_registry
@@ -81,8 +82,6 @@ class FluxProxy:
             for key in (self.runtime.secret(settings.auth.api_keys_env) or "").split(",")
             if key.strip()
         ]
-        from flux_proxy.forward import Forwarder
-
         # Standalone only: mounted, the host app owns every other request.
         self._forwarder: Forwarder | None = None
         if app is None and settings.forward.base_url is not None:
@@ -312,9 +311,7 @@ def _as_settings(config: ConfigInput, environ: Mapping[str, str] | None) -> Sett
         try:
             return Settings.model_validate(dict(config))
         except ValidationError as exc:
-            from flux_proxy.config import _describe
-
-            raise ConfigError(_describe(exc, None)) from None
+            raise ConfigError(describe_validation_error(exc, None)) from None
     return load_settings(config, environ)
 
 

@@ -206,7 +206,7 @@ def load_settings(
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, origins)) from None
+        raise ConfigError(describe_validation_error(exc, path, origins)) from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -329,7 +329,7 @@ def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> None:
             base[key] = value
 
 
-def _describe(
+def describe_validation_error(
     exc: ValidationError,
     path: str | Path | None,
     origins: Mapping[tuple[str, ...], str] | None = None,
