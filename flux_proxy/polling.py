@@ -23,15 +23,23 @@ logger = logging.getLogger("flux_proxy")
 class Backoff:
     """Delays between polls: the provider's hint when it gives one, else growing."""
 
-    def __init__(self, initial: float = 0.5, maximum: float = 5.0, factor: float = 1.5) -> None:
+    def __init__(
+        self,
+        initial: float = 0.5,
+        maximum: float = 5.0,
+        factor: float = 1.5,
+        minimum: float = 0.1,
+    ) -> None:
         self._next = initial
         self._maximum = maximum
         self._factor = factor
+        # A repeated "Retry-After: 0" must not turn polling into a busy loop.
+        self._minimum = minimum
 
     def delay(self, retry_after: str | None = None) -> float:
         hinted = retry_after_seconds(retry_after)
         if hinted is not None:
-            return min(hinted, self._maximum)
+            return min(max(hinted, self._minimum), self._maximum)
         delay = self._next
         self._next = min(self._next * self._factor, self._maximum)
         return delay

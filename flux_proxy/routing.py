@@ -21,7 +21,9 @@ class ProviderRoute:
 
     @property
     def upstream_model(self) -> str:
-        return self.config.upstream_model or self.model
+        # A provider may name its usual model (``default_model``); else the public name.
+        default = getattr(self.provider, "default_model", None)
+        return self.config.upstream_model or default or self.model
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,9 @@ class Provider(Protocol):
     capabilities: a size it can make, at most ``max_images_per_call`` images, a
     format it returns natively. It records how it passed on ``prompt`` and
     ``seed`` in ``job.report``.
+
+    A provider may also set ``default_model``: the upstream model used when a
+    config entry names none (otherwise the public model name is sent).
     """
 
     name: str
