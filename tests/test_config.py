@@ -371,12 +371,12 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 
 def test_model_with_a_provider_not_installed_is_named():
-    settings = load_settings(None, {"FLUX_PROXY_MODELS__FLUX1.1-PRO__PROVIDER": "bfl"})
+    settings = load_settings(None, {"FLUX_PROXY_MODELS__FLUX1.1-PRO__PROVIDER": "no-such-provider"})
     with pytest.raises(ConfigError) as caught:
         FluxProxy(settings, environ={})
     message = str(caught.value)
     assert "models.flux1.1-pro.provider" in message
-    assert "'bfl'" in message
+    assert "'no-such-provider'" in message
     assert "local" in message  # says what is installed
 
 
