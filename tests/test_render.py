@@ -1,0 +1,38 @@
+"""The JSON body is assembled by hand for speed; it must still be exactly OpenAI's shape."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from flux_proxy.config import Settings
+from flux_proxy.generation import render_json
+from flux_proxy.schema import GeneratedImage, ImageRequest, ImageResult, Report
+from tests.openapi import assert_matches
+
+
+def result(*images: GeneratedImage) -> ImageResult:
+    return ImageResult(images=list(images), provider="p", report=Report(), output_format="png")
+
+
+def test_b64_body_with_and_without_revised_prompt():
+    request = ImageRequest(prompt="x", response_format="b64_json")
+    images = (
+        GeneratedImage(data=b"\x00\x01png-bytes", revised_prompt='a "quoted"\nprompt \u00e9'),
+        GeneratedImage(data=b"more"),
+    )
+    response = render_json(request, result(*images), ["prompt", "response_format"], Settings())
+    body = json.loads(response.body)
+    assert_matches(body, "ImagesResponse")
+    assert body["output_format"] == "png"
+    assert base64.b64decode(body["data"][0]["b64_json"]) == b"\x00\x01png-bytes"
+    assert body["data"][0]["revised_prompt"] == 'a "quoted"\nprompt \u00e9'
+    assert body["data"][1] == {"b64_json": base64.b64encode(b"more").decode()}
+
+
+def test_url_body():
+    request = ImageRequest(prompt="x")
+    image = GeneratedImage(url='https://example.test/a.png?x=1&y="2"', revised_prompt="r")
+    body = json.loads(render_json(request, result(image), ["prompt"], Settings()).body)
+    assert_matches(body, "ImagesResponse")
+    assert body["data"] == [{"url": 'https://example.test/a.png?x=1&y="2"', "revised_prompt": "r"}]
