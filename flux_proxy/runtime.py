@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from flux_proxy.config import ConfigError, Settings
+from flux_proxy.errors import UpstreamError
 from flux_proxy.fetch import ImageFetcher
 from flux_proxy.imaging import ImageWorker
 from flux_proxy.signing import UrlSigner
@@ -70,6 +71,17 @@ class Runtime:
         if not env_name:
             return None
         return self.environ.get(env_name) or None
+
+    def upstream_key(self, env_name: str) -> str:
+        """The provider key held in ``env_name``; a clear 502 naming the variable if unset."""
+        key = self.secret(env_name)
+        if key is None:
+            raise UpstreamError(
+                f"The gateway has no key for this model's upstream: the environment variable "
+                f"{env_name} is not set.",
+                code="upstream_credentials_missing",
+            )
+        return key
 
     async def aclose(self) -> None:
         if self._client is not None:

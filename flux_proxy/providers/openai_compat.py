@@ -42,13 +42,7 @@ class OpenAICompatibleProvider:
 
     async def generate(self, job: ImageJob) -> list[GeneratedImage]:
         config = job.route.config
-        key = self._runtime.secret(config.api_key_env)
-        if config.api_key_env and key is None:
-            raise UpstreamError(
-                f"The gateway has no key for this model's upstream: the environment variable "
-                f"{config.api_key_env} is not set.",
-                code="upstream_credentials_missing",
-            )
+        key = self._runtime.upstream_key(config.api_key_env) if config.api_key_env else None
         body = self._body(job)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         base_url = (config.base_url or DEFAULT_BASE_URL).rstrip("/")

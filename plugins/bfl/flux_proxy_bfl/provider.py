@@ -227,13 +227,7 @@ class BflProvider:
         options = _options(config)
         body = self._body(job, model)
         key_env = config.api_key_env or DEFAULT_KEY_ENV
-        key = self._runtime.secret(key_env)
-        if key is None:
-            raise UpstreamError(
-                f"The gateway has no key for this model's upstream: the environment variable "
-                f"{key_env} is not set.",
-                code="upstream_credentials_missing",
-            )
+        key = self._runtime.upstream_key(key_env)
         base_url = _base_url(config.base_url)
         headers = {"x-key": key}
         with upstream_transport_errors(self.name):

@@ -233,12 +233,7 @@ class FalProvider:
     async def generate(self, job: ImageJob) -> list[GeneratedImage]:
         config = job.route.config
         key_env = config.api_key_env or KEY_ENV
-        key = self._runtime.secret(key_env)
-        if key is None:
-            raise UpstreamError(
-                f"The gateway has no key for fal: the environment variable {key_env} is not set.",
-                code="upstream_credentials_missing",
-            )
+        key = self._runtime.upstream_key(key_env)
         options = options_for(config)
         call = _Call(job, model_for(config), options, key)
         model_id = config.upstream_model or DEFAULT_MODEL

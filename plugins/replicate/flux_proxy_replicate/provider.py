@@ -188,13 +188,7 @@ class ReplicateProvider:
         spec = _model(config)
         options = _options(config)
         key_env = config.api_key_env or DEFAULT_KEY_ENV
-        key = self._runtime.secret(key_env)
-        if key is None:
-            raise UpstreamError(
-                f"The gateway has no key for this model's upstream: the environment variable "
-                f"{key_env} is not set.",
-                code="upstream_credentials_missing",
-            )
+        key = self._runtime.upstream_key(key_env)
         headers = {"Authorization": f"Bearer {key}"}
         prefer = _prefer(options, self._runtime.settings.limits.upstream_timeout)
         if prefer:
