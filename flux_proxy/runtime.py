@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 from collections.abc import Mapping
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import urlsplit
 
 import httpx
@@ -60,6 +61,9 @@ class Runtime:
             limits = self.settings.limits
             self._client = httpx.AsyncClient(
                 transport=self._transport,
+                # A gateway serves many clients: an upstream's Set-Cookie for one must
+                # never ride along on another's request, so the jar accepts nothing.
+                cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
                 timeout=httpx.Timeout(limits.upstream_timeout, connect=10.0),
                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
                 follow_redirects=False,

@@ -273,6 +273,13 @@ def test_upstream_error_status_body_and_repeated_headers_pass_through(forwarding
     assert len(upstream.seen) == 1
 
 
+def test_one_clients_upstream_cookies_never_reach_another_request(forwarding, upstream):
+    gateway = forwarding()
+    assert len(httpx.get(f"{gateway}/v1/missing").headers.get_list("set-cookie")) == 2
+    httpx.get(f"{gateway}/v1/anything")
+    assert upstream.seen[-1].header("cookie") == []
+
+
 def test_redirects_are_returned_not_followed(forwarding, upstream):
     gateway = forwarding()
     response = httpx.get(f"{gateway}/redirect")

@@ -230,3 +230,34 @@ def test_malformed_upstream_answers_are_502(start_gateway, payload):
     ) as url:
         gateway = start_gateway(config(url), environ={"UPSTREAM_KEY": "k"})
         assert_openai_error(post(gateway, size="64x64", response_format="b64_json"), 502)
+
+
+@pytest.mark.anyio
+async def test_upstream_cookies_are_never_replayed():
+    from flux_proxy import FluxProxy
+    from tests.images import make_image
+
+    cookies_seen: list[str | None] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        cookies_seen.append(request.headers.get("cookie"))
+        image = base64.b64encode(make_image("png", (64, 64))).decode()
+        return httpx.Response(
+            200, json={"data": [{"b64_json": image}]}, headers={"set-cookie": "session=abc; Path=/"}
+        )
+
+    gateway = FluxProxy(
+        {"models": {"m": {"provider": "openai", "base_url": "http://upstream.test/v1"}}},
+        environ={},
+        transport=httpx.MockTransport(upstream),
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=gateway), base_url="http://gateway.test"
+    ) as client:
+        for _ in range(2):
+            response = await client.post(
+                "/v1/images/generations",
+                json={"model": "m", "prompt": "x", "size": "64x64", "response_format": "b64_json"},
+            )
+            assert response.status_code == 200, response.text
+    assert cookies_seen == [None, None]
