@@ -101,5 +101,13 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, proxy_headers=True)
+    # No Server header of uvicorn's own: forwarded answers carry the upstream's.
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=args.log_level,
+        proxy_headers=True,
+        server_header=False,
+    )
     return 0
