@@ -149,10 +149,18 @@ class Forwarder:
         return "forwarded"
 
     def _build(self, scope: Scope, receive: Receive) -> httpx.Request:
-        url = self._base_url + _raw_path(scope)
+        target = _raw_path(scope)
+        # The target is appended to base_url: one not starting with "/" ("1/x",
+        # "@evil:80/x", ".evil.com/x") would change the host or port, and the
+        # operator's key would go wherever the client pointed it.
+        if not target.startswith("/"):
+            raise httpx.InvalidURL("request target is not an absolute path")
+        url = self._base_url + target
         query: bytes = scope.get("query_string", b"")
         if query:
             url += "?" + query.decode("latin-1")
+        if httpx.URL(url).netloc != httpx.URL(self._base_url).netloc:
+            raise httpx.InvalidURL("request target changes the upstream host")
         headers = _end_to_end(scope["headers"], drop=(b"host",))
         if self._api_key is not None:
             headers = [(k, v) for k, v in headers if k != b"authorization"]

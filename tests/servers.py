@@ -13,13 +13,16 @@ from starlette.types import ASGIApp
 
 
 @contextmanager
-def serve(app: ASGIApp) -> Iterator[str]:
-    """Run ``app`` under uvicorn on 127.0.0.1 and yield its base URL."""
+def serve(app: ASGIApp, http: str = "auto") -> Iterator[str]:
+    """Run ``app`` under uvicorn on 127.0.0.1 and yield its base URL.
+
+    ``http="h11"`` picks the pure-Python parser, which passes odd request targets on.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", http=http)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

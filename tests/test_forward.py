@@ -472,3 +472,23 @@ def test_forward_settings_from_the_environment_and_their_validation():
     for bad in ("api.openai.com", "ftp://host", "https://host/?a=1"):
         with pytest.raises(ConfigError, match=r"forward\.base_url"):
             load_settings(environ={"FLUX_PROXY_FORWARD__BASE_URL": bad})
+
+
+@pytest.mark.parametrize("target", [b"1/v1/models", b"@localhost:9/v1/x", b".evil.test/v1/x"])
+def test_a_request_target_cannot_redirect_the_forward(upstream, target):
+    from flux_proxy import FluxProxy
+
+    gateway = FluxProxy(
+        {"forward": {"base_url": upstream.url, "api_key_env": "UPSTREAM_KEY"}},
+        environ={"UPSTREAM_KEY": "sk-operator-secret"},
+    )
+    with serve(gateway, http="h11") as url:  # h11 passes such targets on as raw_path
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"sk-operator-secret" not in answer
+    assert upstream.seen == []
