@@ -231,7 +231,7 @@ class FluxProxy:
     async def _json_body(self, request: Request) -> dict[str, Any]:
         limit = self.settings.limits.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared[:20]) > limit:
             raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
         chunks: list[bytes] = []
         size = 0
@@ -242,12 +242,22 @@ class FluxProxy:
             chunks.append(chunk)
         try:
             payload = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # ValueError covers JSON, UTF-8 and huge ints
             raise InvalidRequest(
                 "The request body is not valid JSON. Send a JSON object with at least 'prompt'."
             ) from None
         if not isinstance(payload, dict):
             raise InvalidRequest("The request body must be a JSON object.")
+        limits = self.settings.limits
+        if len(payload) > limits.max_fields:
+            raise InvalidRequest(
+                f"The request has {len(payload)} parameters; this gateway accepts at most "
+                f"{limits.max_fields}."
+            )
+        if _depth(payload) > limits.max_json_depth:
+            raise InvalidRequest(
+                f"The request body nests deeper than {limits.max_json_depth} levels."
+            )
         return payload
 
     def _public_url(self, request: Request) -> str:
@@ -313,6 +323,19 @@ def _as_settings(config: ConfigInput, environ: Mapping[str, str] | None) -> Sett
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc, None)) from None
     return load_settings(config, environ)
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON containers nest in ``value`` (iterative: no recursion to exhaust)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth + 1)
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _path_in_app(scope: Scope) -> str:

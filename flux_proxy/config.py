@@ -66,6 +66,10 @@ class AuthSettings(_Section):
 
 class LimitSettings(_Section):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Top-level parameters per request, and JSON nesting: each unknown parameter gets a
+    # line in the report header, and deep nesting exhausts encoders further down.
+    max_fields: int = Field(64, ge=8)
+    max_json_depth: int = Field(32, ge=2)
     max_n: int = Field(10, ge=1)
     max_side: int = Field(14142, ge=1)
     max_pixels: int = Field(4096 * 4096, ge=1)

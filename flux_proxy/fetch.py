@@ -38,6 +38,8 @@ class ImageFetcher:
 
     async def fetch(self, url: str) -> bytes:
         if url.startswith("data:"):
+            if len(url) * 3 // 4 > self._max_bytes:
+                raise UpstreamError("The upstream image is larger than the gateway accepts.")
             return _decode_data_uri(url)
         await self.check_url(url)
         try:

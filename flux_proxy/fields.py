@@ -109,7 +109,7 @@ def _as_type(param: str, value: Any, kind: FieldType) -> Any:
                 return value
             if value in ("true", "false"):
                 return value == "true"
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     raise InvalidRequest(
         f"Invalid value for '{param}': this model's provider needs a {kind}, got {_short(value)}.",
@@ -120,6 +120,8 @@ def _as_type(param: str, value: Any, kind: FieldType) -> Any:
 def _check_range(param: str, value: Any, rule: FieldRule) -> None:
     try:
         number = float(value)
+    except OverflowError:  # an integer too large for a float is out of any range
+        number = math.inf if value > 0 else -math.inf
     except (TypeError, ValueError):
         raise InvalidRequest(
             f"Invalid value for '{param}': expected a number.", param=param

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
+from flux_proxy.errors import UpstreamError
 from flux_proxy.schema import ImageJob, ImageResult
 
 if TYPE_CHECKING:
@@ -47,4 +48,9 @@ async def call_provider(job: ImageJob) -> ImageResult:
     """The innermost layer: the provider's own call."""
     provider = job.route.provider
     images = await provider.generate(job)
-    return ImageResult(images=images, provider=provider.name, report=job.report)
+    if len(images) < job.n:
+        raise UpstreamError(
+            f"The {provider.name} upstream returned {len(images)} of the {job.n} images asked for."
+        )
+    # More than asked (an upstream ignoring n) would break fan-out's count and order.
+    return ImageResult(images=images[: job.n], provider=provider.name, report=job.report)

@@ -51,7 +51,9 @@ class ImageRequest(BaseModel):
     @classmethod
     def _resolution_as_text(cls, value: Any) -> Any:
         # {"resolution": 1} and {"resolution": "1"} mean the same tier.
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, float):
             return format(value, "g")
         return value
 
@@ -89,12 +91,36 @@ class Report:
     def as_dict(self) -> dict[str, dict[str, str]]:
         return {k: {"handling": v.handling, "detail": v.detail} for k, v in self._entries.items()}
 
+    # Proxies commonly refuse response headers much over 8 KB.
+    MAX_HEADER = 8000
+
     def header_value(self, params: list[str]) -> str:
-        """Compact ASCII JSON, in the order the client sent the parameters."""
+        """Compact ASCII JSON, in the order the client sent the parameters.
+
+        Past MAX_HEADER the details are dropped, then trailing entries, and
+        ``"_truncated"`` counts the entries left out.
+        """
         entries = {p: self._entries[p] for p in params if p in self._entries}
         entries.update({p: v for p, v in self._entries.items() if p not in entries})
-        body = {k: {"handling": v.handling, "detail": v.detail} for k, v in entries.items()}
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=True)
+        body: dict[str, Any] = {
+            k: {"handling": v.handling, "detail": v.detail} for k, v in entries.items()
+        }
+        text = _compact(body)
+        if len(text) <= self.MAX_HEADER:
+            return text
+        body = {k: {"handling": v.handling} for k, v in entries.items()}
+        kept = list(body)
+        while kept and len(text := _compact(_cut(body, kept))) > self.MAX_HEADER:
+            kept.pop()
+        return text
+
+
+def _compact(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+def _cut(body: dict[str, Any], kept: list[str]) -> dict[str, Any]:
+    return {**{k: body[k] for k in kept}, "_truncated": len(body) - len(kept)}
 
 
 @dataclass(slots=True)

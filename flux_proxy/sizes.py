@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from flux_proxy.capabilities import Capabilities, SizeSupport
 from flux_proxy.errors import InvalidRequest
 
-_PIXELS = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-_SIGNED_PIXELS = re.compile(r"^\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*$")
-_RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
-_TIER_K = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[kK]\s*$")
-_MEGAPIXELS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:[mM][pP])?\s*$")
+# Numbers are bounded in length: a thousand-digit "side" is malformed, not a big number
+# to overflow on (and a ratio of two such numbers would be 0 or infinite).
+_PIXELS = re.compile(r"^\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*$")
+_SIGNED_PIXELS = re.compile(r"^\s*(-?\d{1,9})\s*[xX]\s*(-?\d{1,9})\s*$")
+_NUMBER = r"(\d{1,7}(?:\.\d{1,7})?)"
+_RATIO = re.compile(rf"^\s*{_NUMBER}\s*:\s*{_NUMBER}\s*$")
+_TIER_K = re.compile(rf"^\s*{_NUMBER}\s*[kK]\s*$")
+_MEGAPIXELS = re.compile(rf"^\s*{_NUMBER}\s*(?:[mM][pP])?\s*$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ def new_name(fmt: str) -> str:
 
 
 def is_valid_name(name: str) -> bool:
-    return _NAME.match(name) is not None
+    return _NAME.fullmatch(name) is not None
 
 
 class MemoryImageStore:

@@ -65,7 +65,8 @@ class SizeMiddleware:
         resized = native != (target.width, target.height)
         tail = f"; provider makes {made}, gateway resizes to {target.text}" if resized else ""
         handling: Handling = "emulated" if resized else "converted"
-        if "size" in sent and job.request.size is not None:
+        size = job.request.size
+        if "size" in sent and size is not None and size.strip().lower() != "auto":
             if target.exact and not resized:
                 job.report.record("size", "passthrough", f"{target.text}")
             else:
@@ -77,6 +78,8 @@ class SizeMiddleware:
                     else:
                         job.report.record(other, "ignored", "size takes precedence")
             return
+        if "size" in sent and size is not None:
+            job.report.record("size", "converted", f"auto: {target.how} = {target.text}")
         for param in ("aspect_ratio", "resolution"):
             if param in sent and getattr(job.request, param) is not None:
                 job.report.record(param, handling, f"{target.how} = {target.text}{tail}")
