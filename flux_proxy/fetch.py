@@ -2,7 +2,8 @@
 
 A provider answer can carry any URL. The gateway fetches it only when the host
 resolves to public addresses, or is one the operator trusts: a configured
-provider's own host or one listed in ``fetch.allow_private_hosts``. Anything
+provider's own origin (its base_url's host *and* port) or a host listed in
+``fetch.allow_private_hosts``. Anything
 else (loopback, private ranges, link-local metadata endpoints) is refused, so
 the gateway cannot be turned into a probe of the network it runs in.
 """
@@ -29,11 +30,13 @@ class ImageFetcher:
         self,
         http: Callable[[], httpx.AsyncClient],
         *,
+        trusted_origins: Iterable[str],
         trusted_hosts: Iterable[str],
         max_bytes: int,
     ) -> None:
         self._http = http
-        self._trusted = {host.lower() for host in trusted_hosts}
+        self._origins = {_origin(url) for url in trusted_origins}
+        self._hosts = {host.lower() for host in trusted_hosts}
         self._max_bytes = max_bytes
 
     async def fetch(self, url: str) -> bytes:
@@ -82,19 +85,44 @@ class ImageFetcher:
         host = parts.hostname
         if parts.scheme not in ("http", "https") or not host:
             raise UpstreamError("The upstream returned a URL the gateway cannot fetch.")
-        if host.lower() in self._trusted:
+        if host.lower() in self._hosts or _origin(url) in self._origins:
             return
         try:
             infos = await anyio.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except OSError:
             raise UpstreamError("The upstream image host could not be resolved.") from None
         for info in infos:
-            address = ipaddress.ip_address(info[4][0])
-            if not address.is_global:
+            if not is_public(ipaddress.ip_address(info[4][0])):
                 raise UpstreamError(
                     "The upstream returned a URL on a private address; "
                     "the gateway does not fetch from there."
                 )
+
+
+# IPv6 forms that carry an IPv4 address: NAT64 (64:ff9b::/96) and the deprecated
+# IPv4-compatible ::/96. is_global judges the IPv6 wrapper, not the address inside.
+_EMBEDS_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``address`` is globally routable, judging any IPv4 address it wraps."""
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = address.ipv4_mapped or address.sixtofour
+        if inner is None and any(address in network for network in _EMBEDS_IPV4):
+            inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if inner is not None:
+            return inner.is_global
+    return address.is_global
+
+
+def _origin(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number trusts nothing
+        return ("", -1)
+    default = 443 if parts.scheme == "https" else 80
+    return ((parts.hostname or "").lower(), port or default)
 
 
 def _decode_data_uri(uri: str) -> bytes:

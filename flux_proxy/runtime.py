@@ -10,7 +10,6 @@ import os
 import secrets
 from collections.abc import Mapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -42,14 +41,12 @@ class Runtime:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         limits = settings.limits
-        trusted = [
-            host
-            for target in settings.provider_configs()
-            if target.base_url and (host := urlsplit(target.base_url).hostname)
-        ] + settings.fetch.allow_private_hosts
         self.images = ImageWorker(limits.image_workers)
         self.fetcher = ImageFetcher(
-            lambda: self.http, trusted_hosts=trusted, max_bytes=limits.max_fetch_bytes
+            lambda: self.http,
+            trusted_origins=[t.base_url for t in settings.provider_configs() if t.base_url],
+            trusted_hosts=settings.fetch.allow_private_hosts,
+            max_bytes=limits.max_fetch_bytes,
         )
         self.store: ImageStore = _make_store(settings)
         self.signer = UrlSigner(_signing_key(settings, self.environ), settings.store.ttl_seconds)

@@ -180,3 +180,48 @@ def test_allow_private_hosts_lets_the_operator_trust_a_host(url_upstream, start_
         json={"model": "up", "prompt": "x", "size": "200x100", "response_format": "b64_json"},
     )
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "169.254.169.254",
+        "::1",
+        "::ffff:127.0.0.1",
+        "::127.0.0.1",
+        "64:ff9b::7f00:1",
+        "64:ff9b::a9fe:a9fe",
+        "2002:7f00:1::",
+        "fd00::1",
+    ],
+)
+def test_private_addresses_in_any_disguise_are_not_public(address):
+    import ipaddress
+
+    from flux_proxy.fetch import is_public
+
+    assert not is_public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700::1111", "64:ff9b::5db8:d70e"])
+def test_public_addresses_are_public(address):
+    import ipaddress
+
+    from flux_proxy.fetch import is_public
+
+    assert is_public(ipaddress.ip_address(address))
+
+
+def test_a_trusted_provider_host_is_trusted_on_its_own_port_only(url_upstream, start_gateway):
+    recorder, url = url_upstream
+    other = RecordingUpstream()
+    with serve(other.app()) as other_url:
+        recorder.url_base = other_url  # same host (127.0.0.1), another port
+        gateway = start_gateway(url_model(url))
+        response = httpx.post(
+            f"{gateway}/v1/images/generations",
+            json={"model": "up", "prompt": "x", "size": "200x100", "response_format": "b64_json"},
+        )
+    assert "private address" in assert_openai_error(response, 502)["message"]
