@@ -85,3 +85,25 @@ def test_local_renderer_is_deterministic_per_prompt_and_seed(client: openai.Open
     assert pixels("a fox", 1) == pixels("a fox", 1)
     assert pixels("a fox", 1) != pixels("a fox", 2)
     assert pixels("a fox", 1) != pixels("a cat", 1)
+
+
+def test_width_and_height_fields_mean_exact_pixels(client: openai.OpenAI):
+    for extra in (
+        {"width": 800, "height": 600},
+        {"aspect_ratio": "custom", "width": 800, "height": 600},
+    ):
+        raw = client.images.with_raw_response.generate(
+            model="flux1.1-pro", prompt="x", response_format="b64_json", extra_body=extra
+        )
+        assert_image(base64.b64decode(raw.parse().data[0].b64_json or ""), "png", (800, 600))
+        report = json.loads(raw.headers["x-flux-proxy-params"])
+        assert report["width"] == {"handling": "converted", "detail": "exact size 800x600"}
+
+
+def test_custom_aspect_ratio_without_pixels_is_400(gateway: str):
+    response = httpx.post(
+        f"{gateway}/v1/images/generations",
+        json={"model": "flux1.1-pro", "prompt": "x", "aspect_ratio": "custom"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "aspect_ratio"

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from PIL import Image
 
+from flux_proxy.errors import InvalidRequest
 from flux_proxy.imaging import decode, fit
 from flux_proxy.pipeline import CallNext
 from flux_proxy.runtime import Runtime
@@ -13,6 +14,7 @@ from flux_proxy.schema import GeneratedImage, Handling, ImageJob, ImageResult
 from flux_proxy.sizes import SizeLimits, TargetSize, native_size, resolve_target
 
 SIZE_PARAMS = ("size", "aspect_ratio", "resolution")
+PIXEL_FIELDS = ("width", "height")
 
 
 class SizeMiddleware:
@@ -26,9 +28,22 @@ class SizeMiddleware:
 
     def _target(self, job: ImageJob) -> TargetSize:
         request = job.request
+        size, aspect_ratio = request.size, request.aspect_ratio
+        pixels = _pixel_fields(job)
+        # Replicate-style clients send aspect_ratio "custom" with width and height.
+        if aspect_ratio is not None and aspect_ratio.strip().lower() == "custom":
+            if pixels is None:
+                raise InvalidRequest(
+                    "aspect_ratio 'custom' needs integer 'width' and 'height'.",
+                    param="aspect_ratio",
+                )
+            aspect_ratio = None
+        # width and height are exact pixels: below an explicit size, above a shape.
+        if pixels is not None and (size is None or size.strip().lower() == "auto"):
+            size = f"{pixels[0]}x{pixels[1]}"
         return resolve_target(
-            size=request.size,
-            aspect_ratio=request.aspect_ratio,
+            size=size,
+            aspect_ratio=aspect_ratio,
             resolution=request.resolution,
             capabilities=job.route.capabilities,
             limits=self._limits,
@@ -38,7 +53,13 @@ class SizeMiddleware:
         target = self._target(job)
         width, height = native_size(target.width, target.height, job.route.capabilities.sizes)
         self._report(job, target, (width, height))
-        result = await call_next(replace(job, width=width, height=height))
+        fields = job.fields
+        if _pixel_fields(job) is not None and job.request.size in (None, "auto"):
+            # Consumed here: the provider gets the size in its own form instead.
+            fields = {k: v for k, v in fields.items() if k not in PIXEL_FIELDS}
+            for name in PIXEL_FIELDS:
+                job.report.record(name, "converted", f"exact size {target.text}")
+        result = await call_next(replace(job, width=width, height=height, fields=fields))
         for image in result.images:
             await self._fit(image, target)
         return result
@@ -83,6 +104,14 @@ class SizeMiddleware:
         for param in ("aspect_ratio", "resolution"):
             if param in sent and getattr(job.request, param) is not None:
                 job.report.record(param, handling, f"{target.how} = {target.text}{tail}")
+
+
+def _pixel_fields(job: ImageJob) -> tuple[int, int] | None:
+    """Integer ``width`` and ``height`` the client sent as extra fields, if both."""
+    width, height = (job.request.extras.get(name) for name in PIXEL_FIELDS)
+    if type(width) is int and type(height) is int:
+        return width, height
+    return None
 
 
 def _fit(source: Image.Image | bytes, width: int, height: int) -> Image.Image:

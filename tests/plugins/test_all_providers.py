@@ -123,3 +123,22 @@ def test_failover_from_a_rejected_key_to_the_next_provider(start_gateway, emulat
     assert "served by provider fal" in detail and "bfl (upstream_auth_failed)" in detail
     assert "not-the-key" not in raw.text
     assert_image(base64.b64decode(raw.parse().data[0].b64_json or ""), "png", (256, 256))
+
+
+@pytest.mark.parametrize("name", ["bfl", "replicate"])
+def test_replicate_style_width_and_height_reach_the_provider_natively(
+    start_gateway, emulators, name
+):
+    client = client_for(start_gateway, {"m": provider(name, emulators[name])})
+    raw = client.images.with_raw_response.generate(
+        model="m",
+        prompt="a heron",
+        response_format="b64_json",
+        output_format="png",
+        extra_body={"aspect_ratio": "custom", "width": 800, "height": 600},
+    )
+    # BFL and Replicate take multiples of 32: 800x608 is made, the gateway crops to 800x600.
+    assert_image(base64.b64decode(raw.parse().data[0].b64_json or ""), "png", (800, 600))
+    report = json.loads(raw.headers["x-flux-proxy-params"])
+    assert report["width"]["handling"] == "converted"
+    assert "800x608" in report["aspect_ratio"]["detail"]
