@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
@@ -97,3 +98,30 @@ def upstream_transport_errors(provider: str) -> Iterator[None]:
         raise UpstreamError(
             f"The {provider} upstream could not be reached ({type(exc).__name__})."
         ) from None
+
+
+async def post_capped(
+    http: httpx.AsyncClient, url: str, *, max_bytes: int, **kwargs: Any
+) -> httpx.Response:
+    """POST and read the answer, refusing one larger than ``max_bytes``.
+
+    For upstreams that put images inside their JSON: an answer is otherwise read
+    whole into memory, however large the upstream makes it.
+    """
+    request = http.build_request("POST", url, **kwargs)
+    response = await http.send(request, stream=True)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise UpstreamError("The upstream's answer is larger than the gateway accepts.")
+            chunks.append(chunk)
+    finally:
+        await response.aclose()
+    # aiter_bytes already undid any content-encoding: the copy must not claim one.
+    headers = [(k, v) for k, v in response.headers.multi_items() if k != "content-encoding"]
+    return httpx.Response(
+        response.status_code, headers=headers, content=b"".join(chunks), request=request
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import struct
 import zlib
 
@@ -171,3 +172,42 @@ async def test_a_huge_integer_against_a_ranged_field_is_400():
     app = openai_gateway(upstream_returning([]), capabilities={"fields": rule})
     response = await post(app, {"model": "m", "prompt": "x", "safety_tolerance": 9 * 10**400})
     assert_openai_error(response, 400, "safety_tolerance")
+
+
+async def test_an_oversized_upstream_answer_is_refused_while_reading():
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3)).save(buffer, "PNG")
+    image = buffer.getvalue()  # noise: about 270 KB, far above the answer cap below
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"data": [{"b64_json": base64.b64encode(image).decode()}]})
+
+    app = FluxProxy(
+        {
+            "limits": {"max_fetch_bytes": 1024},
+            "models": {"m": {"provider": "openai", "base_url": "http://upstream.test/v1"}},
+        },
+        environ={},
+        transport=httpx.MockTransport(answer),
+    )
+    response = await post(app, {"model": "m", "prompt": "x", "size": "600x600"})
+    assert "larger than the gateway accepts" in assert_openai_error(response, 502)["message"]
+
+
+async def test_a_compressed_upstream_answer_is_read_once_decoded():
+    image = make_image("png", (64, 64))
+    body = json.dumps({"data": [{"b64_json": base64.b64encode(image).decode()}]}).encode()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200,
+            content=zlib.compress(body),
+            headers={"content-encoding": "deflate", "content-type": "application/json"},
+        )
+
+    app = openai_gateway(httpx.MockTransport(answer))
+    response = await post(
+        app, {"model": "m", "prompt": "x", "size": "64x64", "response_format": "b64_json"}
+    )
+    assert response.status_code == 200, response.text
+    assert base64.b64decode(response.json()["data"][0]["b64_json"]) == image

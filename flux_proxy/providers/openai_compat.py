@@ -22,7 +22,7 @@ from flux_proxy.fields import NativeBody
 from flux_proxy.hookspecs import RegisterProvider, hookimpl
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, ImageJob
-from flux_proxy.upstream import error_for_status, upstream_transport_errors
+from flux_proxy.upstream import error_for_status, post_capped, upstream_transport_errors
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -46,9 +46,15 @@ class OpenAICompatibleProvider:
         body = self._body(job)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         base_url = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
+        # n base64 images of at most max_fetch_bytes each, plus room for the JSON around them.
+        limit = (self._runtime.settings.limits.max_fetch_bytes * 4 // 3 + 65536) * max(job.n, 1)
         with upstream_transport_errors(self.name):
-            response = await self._runtime.http.post(
-                f"{base_url}/images/generations", json=body, headers=headers
+            response = await post_capped(
+                self._runtime.http,
+                f"{base_url}/images/generations",
+                max_bytes=limit,
+                json=body,
+                headers=headers,
             )
         if response.status_code != 200:
             raise error_for_status(response, provider=self.name, secrets=[key or ""])
