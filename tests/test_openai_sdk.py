@@ -107,3 +107,14 @@ def test_custom_aspect_ratio_without_pixels_is_400(gateway: str):
     )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "aspect_ratio"
+
+
+def test_null_parameters_are_reported_as_defaults(gateway: str):
+    response = httpx.post(
+        f"{gateway}/v1/images/generations",
+        json={"model": "flux1.1-pro", "prompt": "x", "size": None, "seed": None},
+    )
+    assert response.status_code == 200
+    report = json.loads(response.headers["x-flux-proxy-params"])
+    assert report["size"] == {"handling": "ignored", "detail": "null: the default applies"}
+    assert report["seed"]["detail"] == "null: the default applies"
