@@ -82,6 +82,30 @@ class NativeBody:
             self.body.setdefault(name, value)
 
 
+# The public parameters that set an image's size.
+SIZE_PARAMS = ("size", "aspect_ratio", "resolution")
+
+
+def public_param(job: ImageJob, native: str, *, size_fields: frozenset[str]) -> str:
+    """The client's name for a provider field an upstream error points at.
+
+    A size field names whichever size parameter the client sent; a field renamed
+    by ``Capabilities.fields`` names its public field (preferring one the client
+    sent); anything else was sent under its own name.
+    """
+    request = job.request
+    if native in size_fields:
+        sent = request.model_fields_set
+        return next((p for p in SIZE_PARAMS if p in sent and getattr(request, p)), "size")
+    candidates = [
+        public
+        for public, rule in job.route.capabilities.fields.items()
+        if (rule.name or public) == native
+    ]
+    sent_names = set(request.model_fields_set) | set(request.extras)
+    return next((p for p in candidates if p in sent_names), candidates[0] if candidates else native)
+
+
 def _as_type(param: str, value: Any, kind: FieldType) -> Any:
     try:
         if kind == "string":

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
+from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger("flux_proxy")
 
@@ -46,6 +47,24 @@ class Backoff:
 
     async def wait(self, retry_after: str | None = None) -> None:
         await anyio.sleep(self.delay(retry_after))
+
+
+class PollingOptions(BaseModel):
+    """The poll options every polling provider offers; subclass to add its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # First wait between polls when the provider suggests none; later waits grow.
+    poll_interval: float = Field(0.5, gt=0)
+    poll_max_interval: float = Field(5.0, gt=0)
+    # Give up polling after this long (504); unset: only the request's own deadline.
+    poll_timeout: float | None = Field(None, gt=0)
+
+    def backoff(self) -> Backoff:
+        return Backoff(
+            initial=self.poll_interval,
+            maximum=max(self.poll_interval, self.poll_max_interval),
+        )
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -85,13 +85,17 @@ def _target(
             f"{where}.provider: unknown provider {config.provider!r} (installed: {known})"
         )
     try:
-        capabilities = provider.capabilities(config).with_overrides(config.capabilities)
+        declared = provider.capabilities(config)
+    except (ConfigError, ValueError) as exc:  # the provider refuses the entry (options, model)
+        raise ConfigError(f"{where}: {_first_line(exc)}") from None
+    try:
+        capabilities = declared.with_overrides(config.capabilities)
     except ValueError as exc:
         raise ConfigError(f"{where}.capabilities: {_first_line(exc)}") from None
     return ProviderRoute(name, config, provider, capabilities)
 
 
-def _first_line(exc: ValueError) -> str:
+def _first_line(exc: Exception) -> str:
     """pydantic's message without its help links: 'sizes.bogus: Extra inputs ...'."""
     errors = getattr(exc, "errors", None)
     if callable(errors):

@@ -87,6 +87,16 @@ def _openai_param(response: httpx.Response) -> str | None:
     return param if isinstance(param, str) else None
 
 
+def upstream_json(response: httpx.Response, *, provider: str, what: str) -> Any:
+    """The answer's JSON, or a 502 saying the upstream sent something else."""
+    try:
+        return response.json()
+    except (ValueError, UnicodeDecodeError):
+        raise UpstreamError(
+            f"The {provider} upstream answered the {what} with something other than JSON."
+        ) from None
+
+
 @contextmanager
 def upstream_transport_errors(provider: str) -> Iterator[None]:
     """Turn httpx's transport failures into 502/504 answers."""

@@ -13,7 +13,6 @@ from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, Handling, ImageJob, ImageResult
 from flux_proxy.sizes import SizeLimits, TargetSize, native_size, resolve_target
 
-SIZE_PARAMS = ("size", "aspect_ratio", "resolution")
 PIXEL_FIELDS = ("width", "height")
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from flux_proxy.config import ConfigError
 
 if TYPE_CHECKING:
     from flux_proxy.capabilities import Capabilities
@@ -34,3 +38,20 @@ class Provider(Protocol):
 
 
 ProviderFactory = Callable[["Runtime"], Provider]
+
+
+Options = TypeVar("Options", bound=BaseModel)
+
+
+def provider_options(model: type[Options], config: ProviderConfig) -> Options:
+    """A model entry's ``options``, validated; a ConfigError names the bad key.
+
+    Providers call it from ``capabilities()`` so a typo fails at startup, where
+    the router adds which model the entry belongs to.
+    """
+    try:
+        return model.model_validate(config.options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in ("options", *first["loc"]))
+        raise ConfigError(f"{where}: {first['msg']}") from None

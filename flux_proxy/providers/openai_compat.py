@@ -22,7 +22,12 @@ from flux_proxy.fields import NativeBody
 from flux_proxy.hookspecs import RegisterProvider, hookimpl
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, ImageJob
-from flux_proxy.upstream import error_for_status, post_capped, upstream_transport_errors
+from flux_proxy.upstream import (
+    error_for_status,
+    post_capped,
+    upstream_json,
+    upstream_transport_errors,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -58,13 +63,7 @@ class OpenAICompatibleProvider:
             )
         if response.status_code != 200:
             raise error_for_status(response, provider=self.name, secrets=[key or ""])
-        try:
-            payload = response.json()
-        except (ValueError, UnicodeDecodeError):
-            raise UpstreamError(
-                "The openai upstream answered with something other than JSON."
-            ) from None
-        return self._images(payload, job)
+        return self._images(upstream_json(response, provider=self.name, what="request"), job)
 
     def _body(self, job: ImageJob) -> dict[str, Any]:
         route = job.route

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import model_validator
 
 from flux_proxy.capabilities import Capabilities, SizeSupport
 from flux_proxy.config import ProviderConfig
@@ -45,11 +45,17 @@ from flux_proxy.errors import (
     UpstreamTimeout,
     redact,
 )
-from flux_proxy.fields import FieldRule, NativeBody
-from flux_proxy.polling import Backoff
+from flux_proxy.fields import SIZE_PARAMS, FieldRule, NativeBody, public_param
+from flux_proxy.polling import PollingOptions
+from flux_proxy.providers.base import provider_options
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, Handling, ImageJob, Progress
-from flux_proxy.upstream import MAX_MESSAGE, error_for_status, upstream_transport_errors
+from flux_proxy.upstream import (
+    MAX_MESSAGE,
+    error_for_status,
+    upstream_json,
+    upstream_transport_errors,
+)
 
 DEFAULT_BASE_URL = "https://api.bfl.ai"
 DEFAULT_MODEL = "flux-pro-1.1"
@@ -167,17 +173,11 @@ REJECTED_FIELDS: dict[str, str] = {
 BFL_DOMAINS = ("bfl.ai", "bfl.ml")
 # BFL's body fields that carry a public parameter under another name (for 422s).
 SIZE_FIELDS = frozenset({"width", "height", "aspect_ratio"})
-SIZE_PARAMS = ("size", "aspect_ratio", "resolution")
 
 
-class BflOptions(BaseModel):
+class BflOptions(PollingOptions):
     """The model entry's ``options`` (checked when the gateway starts)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    poll_interval: float = Field(0.5, gt=0)
-    poll_max_interval: float = Field(5.0, gt=0)
-    poll_timeout: float | None = Field(None, gt=0)
     # More hosts a polling URL may name (the key is sent there); exact names.
     polling_hosts: tuple[str, ...] = ()
 
@@ -198,13 +198,7 @@ def bfl_model(config: ProviderConfig) -> BflModel:
 
 
 def _options(config: ProviderConfig) -> BflOptions:
-    try:
-        return BflOptions.model_validate(config.options)
-    except ValidationError as exc:
-        # The core reports a ValueError from capabilities() under "capabilities"; name the key.
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in ("options", *first["loc"]))
-        raise ValueError(f"{where}: {first['msg']}") from None
+    return provider_options(BflOptions, config)
 
 
 class BflProvider:
@@ -284,7 +278,7 @@ class BflProvider:
 
     async def _poll(self, job: ImageJob, url: str, key: str, options: BflOptions) -> dict[str, Any]:
         await self._runtime.fetcher.check_url(url)
-        backoff = Backoff(initial=options.poll_interval, maximum=options.poll_max_interval)
+        backoff = options.backoff()
         while True:
             with upstream_transport_errors(self.name):
                 response = await self._runtime.http.get(url, headers={"x-key": key})
@@ -379,10 +373,7 @@ def _report_size(job: ImageJob, sent_as: str) -> None:
 
 
 def _json_object(response: httpx.Response, step: str) -> dict[str, Any]:
-    try:
-        payload = response.json()
-    except (ValueError, UnicodeDecodeError):
-        payload = None
+    payload = upstream_json(response, provider="bfl", what=step)
     if not isinstance(payload, dict):
         raise UpstreamError(f"The bfl upstream answered the {step} with something other than JSON.")
     return payload
@@ -423,16 +414,8 @@ def _validation_error(response: httpx.Response, job: ImageJob, key: str) -> Inva
     loc = first.get("loc")
     names = [part for part in loc if isinstance(part, str) and part != "body"] if loc else []
     field_name = names[0] if names else None
-    param = _public_param(field_name, job) if field_name else None
+    param = public_param(job, field_name, size_fields=SIZE_FIELDS) if field_name else None
     message = redact(str(first.get("msg") or "invalid value"), [key])[:MAX_MESSAGE]
     where = f" '{param}'" if param else ""
     sent = f" (sent to BFL as {field_name})" if field_name and field_name != param else ""
     return InvalidRequest(f"The bfl upstream rejected{where}{sent}: {message}", param=param)
-
-
-def _public_param(field_name: str, job: ImageJob) -> str:
-    if field_name in SIZE_FIELDS:
-        sent = job.request.model_fields_set
-        return next((p for p in SIZE_PARAMS if p in sent), "size")
-    # Every other BFL field is sent under its public name (BFL renames nothing).
-    return field_name

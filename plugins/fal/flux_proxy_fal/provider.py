@@ -37,10 +37,9 @@ from typing import Any, Literal
 
 import anyio
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flux_proxy.capabilities import Capabilities, SizeSupport
-from flux_proxy.config import ConfigError, ProviderConfig
+from flux_proxy.config import ProviderConfig
 from flux_proxy.errors import (
     ContentPolicyViolation,
     GatewayError,
@@ -49,11 +48,12 @@ from flux_proxy.errors import (
     UpstreamTimeout,
     redact,
 )
-from flux_proxy.fields import NativeBody
-from flux_proxy.polling import Backoff, cancel_upstream_on_exit
+from flux_proxy.fields import SIZE_PARAMS, NativeBody, public_param
+from flux_proxy.polling import PollingOptions, cancel_upstream_on_exit
+from flux_proxy.providers.base import provider_options
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, ImageJob, Progress
-from flux_proxy.upstream import error_for_status, upstream_transport_errors
+from flux_proxy.upstream import error_for_status, upstream_json, upstream_transport_errors
 
 logger = logging.getLogger("flux_proxy.fal")
 
@@ -176,13 +176,8 @@ TRANSIENT_POLL_STATUSES = frozenset({429, 502, 503})
 MAX_TRANSIENT_POLLS = 5
 
 
-class FalOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class FalOptions(PollingOptions):
     mode: Literal["queue", "sync"] = "queue"
-    poll_timeout: float | None = Field(None, gt=0)
-    poll_interval: float = Field(0.5, gt=0)
-    poll_max_interval: float = Field(5.0, gt=0)
     logs: bool = False
 
 
@@ -193,12 +188,7 @@ def model_for(config: ProviderConfig) -> FalModel:
 
 
 def options_for(config: ProviderConfig) -> FalOptions:
-    try:
-        return FalOptions.model_validate(config.options)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"fal provider options.{where}: {first['msg']}") from None
+    return provider_options(FalOptions, config)
 
 
 @dataclass
@@ -338,7 +328,7 @@ class FalProvider:
 
     async def _poll(self, call: _Call, status_url: str, retry_after: str | None) -> dict[str, Any]:
         options = call.options
-        backoff = Backoff(initial=options.poll_interval, maximum=options.poll_max_interval)
+        backoff = options.backoff()
         params = {"logs": "1"} if options.logs else None
         seen_logs = 0
         transient = 0
@@ -471,7 +461,7 @@ class FalProvider:
 def _note_size(job: ImageJob, detail: str) -> None:
     """Add fal's size field to the report of whichever size parameter the client sent."""
     sent = job.request.model_fields_set
-    for param in ("size", "aspect_ratio", "resolution"):
+    for param in SIZE_PARAMS:
         if param not in sent or getattr(job.request, param) is None:
             continue
         entry = job.report.get(param)
@@ -488,18 +478,7 @@ def _public_param(call: _Call, loc: Any) -> str | None:
     """The client's name for the fal field a validation error points at."""
     if not isinstance(loc, list) or len(loc) < 2 or loc[0] != "body":
         return None
-    native = str(loc[1])
-    job = call.job
-    if native == call.model.size_field:
-        sent = job.request.model_fields_set
-        return next((p for p in ("size", "aspect_ratio", "resolution") if p in sent), "size")
-    sent_names = set(job.request.model_fields_set) | set(job.request.extras)
-    candidates = [
-        public
-        for public, rule in job.route.capabilities.fields.items()
-        if (rule.name or public) == native
-    ]
-    return next((p for p in candidates if p in sent_names), candidates[0] if candidates else native)
+    return public_param(call.job, str(loc[1]), size_fields=frozenset({call.model.size_field}))
 
 
 def _item_text(item: dict[str, Any], key: str) -> str:
@@ -524,10 +503,7 @@ def _run_failure(status: dict[str, Any], key: str) -> UpstreamError:
 
 
 def _json(response: httpx.Response, what: str) -> Any:
-    try:
-        return response.json()
-    except (ValueError, UnicodeDecodeError):
-        raise UpstreamError(f"fal answered its {what} with something other than JSON.") from None
+    return upstream_json(response, provider="fal", what=what)
 
 
 def _url_in(ticket: Any, name: str) -> str:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import anyio
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from flux_proxy.capabilities import Capabilities, SizeSupport
 from flux_proxy.config import ConfigError, ProviderConfig
@@ -46,11 +46,12 @@ from flux_proxy.errors import (
     UpstreamTimeout,
     redact,
 )
-from flux_proxy.fields import FieldRule, NativeBody
-from flux_proxy.polling import Backoff, cancel_upstream_on_exit
+from flux_proxy.fields import FieldRule, NativeBody, public_param
+from flux_proxy.polling import PollingOptions, cancel_upstream_on_exit
+from flux_proxy.providers.base import provider_options
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, ImageJob, Progress
-from flux_proxy.upstream import error_for_status, upstream_transport_errors
+from flux_proxy.upstream import error_for_status, upstream_json, upstream_transport_errors
 
 DEFAULT_BASE_URL = "https://api.replicate.com"
 DEFAULT_MODEL = "black-forest-labs/flux-1.1-pro"
@@ -148,20 +149,14 @@ MODELS: dict[str, ReplicateModel] = {
 # Replicate's input field (as named in a 422's invalid_fields) -> the public parameter.
 # Fields not listed are reported under their own name (minus "input.").
 SIZE_FIELDS = frozenset({"width", "height", "aspect_ratio"})
-PUBLIC_NAMES: dict[str, str] = {"prompt": "prompt", "seed": "seed"}
 
 logger = logging.getLogger("flux_proxy.replicate")
 
 _PERCENT = re.compile(r"(\d{1,3})%")
 
 
-class ReplicateOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ReplicateOptions(PollingOptions):
     wait_seconds: int | None = Field(None, ge=0, le=MAX_WAIT_SECONDS)
-    poll_interval: float = Field(0.5, gt=0)
-    poll_max_interval: float = Field(5.0, gt=0)
-    poll_timeout: float | None = Field(None, gt=0)
 
 
 class ReplicateProvider:
@@ -261,10 +256,7 @@ class ReplicateProvider:
             await self._runtime.fetcher.check_url(cancel_url)
             await self._runtime.http.post(cancel_url, headers=auth)
 
-        backoff = Backoff(
-            initial=options.poll_interval,
-            maximum=max(options.poll_interval, options.poll_max_interval),
-        )
+        backoff = options.backoff()
         retry_after = created.headers.get("retry-after")
         try:
             with anyio.fail_after(options.poll_timeout):
@@ -297,12 +289,7 @@ class ReplicateProvider:
     # --- answers ------------------------------------------------------------------
 
     def _prediction(self, response: httpx.Response, key: str) -> dict[str, Any]:
-        try:
-            payload = response.json()
-        except (ValueError, UnicodeDecodeError):
-            raise UpstreamError(
-                "The replicate upstream answered with something other than JSON."
-            ) from None
+        payload = upstream_json(response, provider=self.name, what="prediction")
         if not isinstance(payload, dict):
             raise UpstreamError("The replicate upstream answered without a prediction object.")
         status = payload.get("status")
@@ -380,13 +367,7 @@ def _model(config: ProviderConfig) -> ReplicateModel:
 
 
 def _options(config: ProviderConfig) -> ReplicateOptions:
-    try:
-        return ReplicateOptions.model_validate(config.options)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"options.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"replicate: {problems}") from None
+    return provider_options(ReplicateOptions, config)
 
 
 def _base_url(config: ProviderConfig) -> str:
@@ -446,24 +427,7 @@ def _invalid_field(response: httpx.Response, job: ImageJob) -> tuple[str, str, s
     name = native.removeprefix("input.")
     if not name or name == "input":
         return None  # e.g. a missing required field: no single public parameter to name
-    if name in SIZE_FIELDS:
-        sent = job.request.model_fields_set
-        param = next(
-            (
-                p
-                for p in ("size", "aspect_ratio", "resolution")
-                if p in sent and getattr(job.request, p) is not None
-            ),
-            "size",
-        )
-    else:
-        renamed = {
-            rule.name: public
-            for public, rule in job.route.capabilities.fields.items()
-            if rule.name is not None
-        }
-        param = PUBLIC_NAMES.get(name) or renamed.get(name) or name
-    return param, native, description
+    return public_param(job, name, size_fields=SIZE_FIELDS), native, description
 
 
 def _progress(provider: str, prediction: Mapping[str, Any]) -> Progress:
