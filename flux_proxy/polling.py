@@ -12,11 +12,13 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
+
+from flux_proxy.errors import GatewayError, UpstreamTimeout
 
 logger = logging.getLogger("flux_proxy")
 
@@ -60,6 +62,18 @@ class PollingOptions(BaseModel):
     # Give up polling after this long (504); unset: only the request's own deadline.
     poll_timeout: float | None = Field(None, gt=0)
 
+    @contextmanager
+    def deadline(self, task: str) -> Iterator[None]:
+        """Bound the block by ``poll_timeout``; past it, a 504 naming ``task``."""
+        try:
+            with anyio.fail_after(self.poll_timeout):
+                yield
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"The {task} was not done after {self.poll_timeout:g} seconds of polling "
+                "(the model's poll_timeout option)."
+            ) from None
+
     def backoff(self) -> Backoff:
         return Backoff(
             initial=self.poll_interval,
@@ -85,12 +99,17 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 @asynccontextmanager
 async def cancel_upstream_on_exit(
-    cancel: Callable[[], Awaitable[None]], *, grace: float = 5.0
+    cancel: Callable[[], Awaitable[None]], *, on_error: bool = False, grace: float = 5.0
 ) -> AsyncIterator[None]:
-    """Run ``cancel()`` if the block is cancelled, shielded and bounded by ``grace`` seconds."""
+    """Run ``cancel()`` if the block is cancelled (or, with ``on_error``, fails with a
+    GatewayError: the gateway gives the task up, so stop paying for it), shielded and
+    bounded by ``grace`` seconds."""
+    stopping: tuple[type[BaseException], ...] = (anyio.get_cancelled_exc_class(),)
+    if on_error:
+        stopping += (GatewayError,)
     try:
         yield
-    except anyio.get_cancelled_exc_class():
+    except stopping:
         with anyio.CancelScope(shield=True), anyio.move_on_after(grace):
             try:
                 await cancel()

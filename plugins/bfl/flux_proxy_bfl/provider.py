@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import anyio
 import httpx
 from pydantic import model_validator
 
@@ -42,7 +41,6 @@ from flux_proxy.errors import (
     GatewayError,
     InvalidRequest,
     UpstreamError,
-    UpstreamTimeout,
     redact,
 )
 from flux_proxy.fields import SIZE_PARAMS, FieldRule, NativeBody, public_param
@@ -235,14 +233,8 @@ class BflProvider:
         if not isinstance(polling_url, str) or not polling_url:
             raise UpstreamError("The bfl upstream accepted the task but gave no polling_url.")
         check_polling_host(polling_url, base_url, options)
-        try:
-            with anyio.fail_after(options.poll_timeout):
-                result = await self._poll(job, polling_url, key, options)
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"The bfl task was not ready after {options.poll_timeout:g} seconds "
-                "(the model's poll_timeout option)."
-            ) from None
+        with options.deadline("bfl task"):
+            result = await self._poll(job, polling_url, key, options)
         return [self._image(job, result)]
 
     def _body(self, job: ImageJob, model: BflModel) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import anyio
 import httpx
 
 from flux_proxy.capabilities import Capabilities, SizeSupport
@@ -306,16 +305,9 @@ class FalProvider:
             logger.info("cancelled fal request (HTTP %d)", answer.status_code)
 
         # The poll timeout sits outside the cancel guard so that giving up cancels the task too.
-        try:
-            with anyio.fail_after(call.options.poll_timeout):
-                async with cancel_upstream_on_exit(cancel):
-                    final = await self._poll(call, status_url, response.headers.get("retry-after"))
-        except TimeoutError:
-            if call.options.poll_timeout is None:
-                raise
-            raise UpstreamTimeout(
-                f"The fal request did not finish within {call.options.poll_timeout:g} seconds."
-            ) from None
+        with call.options.deadline("fal request"):
+            async with cancel_upstream_on_exit(cancel):
+                final = await self._poll(call, status_url, response.headers.get("retry-after"))
 
         await self._runtime.fetcher.check_url(response_url)
         result = await self._send(call, "GET", response_url)

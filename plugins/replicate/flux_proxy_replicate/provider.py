@@ -28,11 +28,10 @@ import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import anyio
 import httpx
 from pydantic import Field
 
@@ -258,33 +257,22 @@ class ReplicateProvider:
 
         backoff = options.backoff()
         retry_after = created.headers.get("retry-after")
-        try:
-            with anyio.fail_after(options.poll_timeout):
-                async with cancel_upstream_on_exit(cancel):
-                    try:
-                        while True:
-                            await job.progress(_progress(self.name, prediction))
-                            await backoff.wait(retry_after)
-                            await self._runtime.fetcher.check_url(get_url)
-                            with upstream_transport_errors(self.name):
-                                response = await self._runtime.http.get(get_url, headers=auth)
-                            retry_after = response.headers.get("retry-after")
-                            if response.status_code == 429:
-                                continue  # a throttled poll: wait what it says, ask again
-                            if not response.is_success:
-                                raise self._error(response, job, key)
-                            prediction = self._prediction(response, key)
-                            if prediction["status"] in TERMINAL_STATUSES:
-                                return prediction
-                    except GatewayError:
-                        # The gateway gives up on this prediction: stop paying for it.
-                        await _best_effort(cancel)
-                        raise
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"The replicate prediction was not done after {options.poll_timeout:g} seconds "
-                "of polling; it was cancelled."
-            ) from None
+        with options.deadline("replicate prediction"):
+            async with cancel_upstream_on_exit(cancel, on_error=True):
+                while True:
+                    await job.progress(_progress(self.name, prediction))
+                    await backoff.wait(retry_after)
+                    await self._runtime.fetcher.check_url(get_url)
+                    with upstream_transport_errors(self.name):
+                        response = await self._runtime.http.get(get_url, headers=auth)
+                    retry_after = response.headers.get("retry-after")
+                    if response.status_code == 429:
+                        continue  # a throttled poll: wait what it says, ask again
+                    if not response.is_success:
+                        raise self._error(response, job, key)
+                    prediction = self._prediction(response, key)
+                    if prediction["status"] in TERMINAL_STATUSES:
+                        return prediction
 
     # --- answers ------------------------------------------------------------------
 
@@ -436,11 +424,3 @@ def _progress(provider: str, prediction: Mapping[str, Any]) -> Progress:
     if isinstance(logs, str) and (found := _PERCENT.findall(logs)):
         fraction = min(int(found[-1]), 100) / 100
     return Progress(provider=provider, status=str(prediction.get("status")), fraction=fraction)
-
-
-async def _best_effort(cancel: Callable[[], Awaitable[None]]) -> None:
-    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-        try:
-            await cancel()
-        except Exception:  # the error being raised matters more than this one
-            logger.warning("cancelling the replicate prediction failed", exc_info=True)
