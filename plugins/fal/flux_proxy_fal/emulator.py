@@ -223,13 +223,10 @@ class FalEmulator:
     # --- queue --------------------------------------------------------------------
 
     async def _submit(self, request: Request) -> Response:
-        recorded = await self._record(request)
-        refused = self._refuse_submission(request)
-        if refused is not None:
-            return refused
-        model = _model_id(request)
-        if model not in MODELS:
-            return JSONResponse({"detail": f"Application {model!r} not found"}, status_code=404)
+        accepted = await self._accept(request)
+        if isinstance(accepted, Response):
+            return accepted
+        recorded, model = accepted
         request_id = str(uuid.uuid4())
         base = str(request.base_url)
         queued = QueuedRequest(
@@ -340,6 +337,16 @@ class FalEmulator:
     # --- sync ---------------------------------------------------------------------
 
     async def _sync(self, request: Request) -> Response:
+        accepted = await self._accept(request)
+        if isinstance(accepted, Response):
+            return accepted
+        recorded, model = accepted
+        base = str(request.base_url)
+        outcome = self._run(model, recorded.body, base, str(uuid.uuid4()))
+        return JSONResponse(outcome.body, status_code=outcome.status_code, headers=outcome.headers)
+
+    async def _accept(self, request: Request) -> tuple[Recorded, str] | Response:
+        """Record a submission (queue or sync); the refusal, or what to run."""
         recorded = await self._record(request)
         refused = self._refuse_submission(request)
         if refused is not None:
@@ -347,9 +354,7 @@ class FalEmulator:
         model = _model_id(request)
         if model not in MODELS:
             return JSONResponse({"detail": f"Application {model!r} not found"}, status_code=404)
-        base = str(request.base_url)
-        outcome = self._run(model, recorded.body, base, str(uuid.uuid4()))
-        return JSONResponse(outcome.body, status_code=outcome.status_code, headers=outcome.headers)
+        return recorded, model
 
     def _refuse_submission(self, request: Request) -> Response | None:
         denied = self._unauthorized(request)
