@@ -246,13 +246,9 @@ class FalEmulator:
         )
 
     async def _status(self, request: Request) -> Response:
-        await self._record(request)
-        denied = self._unauthorized(request)
-        if denied is not None:
-            return denied
-        queued = self._lookup(request)
-        if queued is None:
-            return JSONResponse({"detail": "Request not found"}, status_code=404)
+        queued = await self._find(request)
+        if isinstance(queued, Response):
+            return queued
         if self.poll_rate_limits > 0:
             self.poll_rate_limits -= 1
             return self._rate_limit_response()
@@ -278,13 +274,9 @@ class FalEmulator:
         return JSONResponse(body, status_code=200 if state == "COMPLETED" else 202, headers=headers)
 
     async def _result(self, request: Request) -> Response:
-        await self._record(request)
-        denied = self._unauthorized(request)
-        if denied is not None:
-            return denied
-        queued = self._lookup(request)
-        if queued is None:
-            return JSONResponse({"detail": "Request not found"}, status_code=404)
+        queued = await self._find(request)
+        if isinstance(queued, Response):
+            return queued
         if self._state(queued) != "COMPLETED":
             # fal's exact answer to an early result fetch is undocumented.
             return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
@@ -355,6 +347,17 @@ class FalEmulator:
         if model not in MODELS:
             return JSONResponse({"detail": f"Application {model!r} not found"}, status_code=404)
         return recorded, model
+
+    async def _find(self, request: Request) -> QueuedRequest | Response:
+        """Record a status or result call; the refusal, or its queued request."""
+        await self._record(request)
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        queued = self._lookup(request)
+        if queued is None:
+            return JSONResponse({"detail": "Request not found"}, status_code=404)
+        return queued
 
     def _refuse_submission(self, request: Request) -> Response | None:
         denied = self._unauthorized(request)
