@@ -27,6 +27,7 @@ from flux_proxy_bfl.provider import BflOptions, BflProvider, check_polling_host
 from tests.images import assert_image, decode
 from tests.openapi import assert_openai_error
 from tests.servers import serve
+from tests.sse import stream_events
 
 SECRET = "bfl-test-key-5f0c2d9a7b3e41c8"
 KEY_ENV = "BFL_TEST_KEY"
@@ -414,16 +415,11 @@ def test_retry_after_is_honoured(bfl, start_gateway):
 def test_progress_is_streamed_from_polls(bfl, start_gateway):
     _, url = bfl(polls_before_ready=3)
     gateway = gateway_for(start_gateway, url)
-    events = []
-    with httpx.stream(
-        "POST",
-        f"{gateway}/v1/images/generations",
-        json={"model": "flux1.1-pro", "prompt": "a kestrel", "size": "256x256", "stream": True},
+    events = stream_events(
+        gateway,
+        {"model": "flux1.1-pro", "prompt": "a kestrel", "size": "256x256", "stream": True},
         timeout=20,
-    ) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line[len("data: ") :]))
+    )
     progress = [event for event in events if event["type"] == "flux_proxy.progress"]
     assert [event["status"] for event in progress] == ["Pending"] * 3 + ["Ready"]
     assert [event["progress"] for event in progress] == [None, 0.33, 0.67, None]

@@ -20,6 +20,7 @@ from flux_proxy_fal.emulator import FalEmulator, Recorded, create_app
 from tests.images import assert_image
 from tests.openapi import assert_openai_error
 from tests.servers import serve
+from tests.sse import stream_events
 
 KEY = "fal-secret-0123456789abcdef"
 V11 = "fal-ai/flux-pro/v1.1"
@@ -238,16 +239,9 @@ def test_ultra_takes_an_aspect_ratio(fal: Fal, start_gateway: Callable[..., str]
 
 def test_polling_reports_progress_to_a_streaming_client(fal: Fal, gateway: str) -> None:
     fal.emulator.polls_before_ready = 4
-    events = []
-    with httpx.stream(
-        "POST",
-        f"{gateway}/v1/images/generations",
-        json={"model": "flux-fal", "prompt": "x", "size": "256x256", "stream": True},
-        timeout=30,
-    ) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line[len("data: ") :]))
+    events = stream_events(
+        gateway, {"model": "flux-fal", "prompt": "x", "size": "256x256", "stream": True}, timeout=30
+    )
     progress = [e for e in events if e["type"] == "flux_proxy.progress"]
     assert [e["status"] for e in progress] == [
         "IN_QUEUE",  # the submit answer

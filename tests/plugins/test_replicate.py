@@ -21,6 +21,7 @@ from flux_proxy_replicate.emulator import ReplicateEmulator, create_app
 from tests.images import assert_image, decode
 from tests.openapi import assert_openai_error
 from tests.servers import serve
+from tests.sse import stream_events
 
 KEY = "r8_emulated-secret-0123456789abcdef"
 PRO = "black-forest-labs/flux-1.1-pro"
@@ -248,16 +249,11 @@ def test_ultra_gets_an_aspect_ratio_preset(start: Start) -> None:
 
 def test_progress_is_streamed_while_polling(start: Start) -> None:
     _, gateway = start({"polls_until_ready": 3}, options={"wait_seconds": 0})
-    events = []
-    with httpx.stream(
-        "POST",
-        f"{gateway}/v1/images/generations",
-        json={"model": "flux1.1-pro", "prompt": "a kestrel", "size": "256x256", "stream": True},
+    events = stream_events(
+        gateway,
+        {"model": "flux1.1-pro", "prompt": "a kestrel", "size": "256x256", "stream": True},
         timeout=30,
-    ) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line[len("data: ") :]))
+    )
     progress = [e for e in events if e["type"] == "flux_proxy.progress"]
     assert [e["provider"] for e in progress] == ["replicate"] * 3
     assert [e["status"] for e in progress] == ["starting", "processing", "processing"]
