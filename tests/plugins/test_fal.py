@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from tests.images import assert_image
 from tests.openapi import assert_openai_error
 from tests.servers import serve
 from tests.sse import stream_events
+from tests.waiting import wait_for
 
 KEY = "fal-secret-0123456789abcdef"
 V11 = "fal-ai/flux-pro/v1.1"
@@ -41,13 +41,8 @@ class Fal:
 
     def wait_for(self, method: str, path_part: str, timeout: float = 5.0) -> list[Recorded]:
         """The matching requests, once there is one (bounded wait: the gateway works async)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.emulator.calls(method, path_part)
-            if found:
-                return found
-            time.sleep(0.02)
-        return []
+        wait_for(lambda: bool(self.emulator.calls(method, path_part)), timeout)
+        return self.emulator.calls(method, path_part)
 
 
 class Switch:

@@ -22,6 +22,7 @@ from tests.images import assert_image, decode
 from tests.openapi import assert_openai_error
 from tests.servers import serve
 from tests.sse import stream_events
+from tests.waiting import wait_for
 
 KEY = "r8_emulated-secret-0123456789abcdef"
 PRO = "black-forest-labs/flux-1.1-pro"
@@ -84,16 +85,6 @@ def creates(emulator: ReplicateEmulator) -> list[Any]:
 
 def polls(emulator: ReplicateEmulator) -> list[Any]:
     return [r for r in emulator.records if r.method == "GET" and "/v1/predictions/" in r.path]
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 5.0) -> bool:
-    """Poll ``check`` until it holds (bounded): the gateway cancels in the background."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
 
 
 # --- the happy paths ---------------------------------------------------------------------------
