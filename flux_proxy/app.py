@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,14 @@ from flux_proxy.store import is_valid_name
 
 logger = logging.getLogger("flux_proxy")
 
+_GENERATIONS_ROUTE = re.compile(r"^/images/generations$")
+_MODELS_ROUTE = re.compile(r"^/models$")
 _FILE_ROUTE = re.compile(r"^/images/files/([^/]+)$")
 _MODEL_ROUTE = re.compile(r"^/models/([^/]+)$")
 
 ConfigInput = Settings | str | Path | Mapping[str, Any] | None
+# A route handler; None means the client went away and nothing is to be sent.
+Handler = Callable[[Request, str], Awaitable[Response | None]]
 
 
 class FluxProxy:
@@ -93,6 +97,13 @@ class FluxProxy:
                 forward_authorization=not self._client_keys,
             )
         self._started = int(time.time())
+        # The gateway's own routes under the API prefix: pattern, methods, handler.
+        self._routes: list[tuple[re.Pattern[str], frozenset[str], Handler]] = [
+            (_GENERATIONS_ROUTE, frozenset({"POST"}), self._generations),
+            (_MODELS_ROUTE, frozenset({"GET"}), self._models),
+            (_MODEL_ROUTE, frozenset({"GET"}), self._model),
+            (_FILE_ROUTE, frozenset({"GET", "HEAD"}), self._file),
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -106,28 +117,22 @@ class FluxProxy:
             await self._fall_through(scope, receive, send)
             return
         route = path[len(self._prefix) :]
-        request = Request(scope, receive)
-        method = request.method
-        if route == "/images/generations":
-            handler = self._generations if method == "POST" else None
-        elif route == "/models":
-            handler = self._models if method == "GET" else None
-        elif _MODEL_ROUTE.match(route):
-            handler = self._model if method == "GET" else None
-        elif _FILE_ROUTE.match(route):
-            handler = self._file if method in ("GET", "HEAD") else None
-        else:
+        found = next((r for r in self._routes if r[0].match(route)), None)
+        if found is None:
             await self._fall_through(scope, receive, send)
             return
+        _, methods, handler = found
+        request = Request(scope, receive)
+        method = request.method
         response: Response | None
-        if handler is None:
+        if method not in methods:
             response = _error_response(MethodNotAllowed(f"{method} is not allowed on {path}."))
         else:
             response = await self._respond(handler, request, route)
         if response is not None:  # None: the client went away and its work was cancelled
             await response(scope, receive, send)
 
-    async def _respond(self, handler: Any, request: Request, route: str) -> Response | None:
+    async def _respond(self, handler: Handler, request: Request, route: str) -> Response | None:
         started = time.perf_counter()
         try:
             response: Response | None = await handler(request, route)
