@@ -8,6 +8,7 @@ pass the secrets to strip from anything the upstream echoed.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 
 from flux_proxy.errors import (
+    ContentPolicyViolation,
     GatewayError,
     InvalidRequest,
     RateLimited,
@@ -24,6 +26,14 @@ from flux_proxy.errors import (
 )
 
 MAX_MESSAGE = 500
+
+# Upstream error codes that mean "moderation refused this", whatever the model's
+# generation calls it (dall-e-3 and gpt-image differ); the client sees OpenAI's
+# ``content_policy_violation``, as it does from every plugin provider.
+MODERATION_CODES: frozenset[str] = frozenset({"content_policy_violation", "moderation_blocked"})
+# An upstream code passes on only when it looks like one: a code is matched on by
+# client code, so free text (or anything echoing a key) never goes there.
+CODE_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def upstream_message(response: httpx.Response) -> str:
@@ -69,22 +79,27 @@ def error_for_status(
             f"The {provider} upstream is rate limiting requests: {detail}", headers=headers
         )
     if status in (400, 422):
-        param = _openai_param(response)
-        return InvalidRequest(
-            f"The {provider} upstream rejected the request: {detail}", param=param
-        )
+        param = _openai_field(response, "param")
+        code = _openai_field(response, "code")
+        if code is not None and not CODE_PATTERN.fullmatch(code):
+            code = None
+        message = f"The {provider} upstream rejected the request: {detail}"
+        if code in MODERATION_CODES:
+            return ContentPolicyViolation(message, param=param)
+        return InvalidRequest(message, param=param, code=code)
     if status in (408, 504):
         return UpstreamTimeout(f"The {provider} upstream timed out (HTTP {status}).")
     return UpstreamError(f"The {provider} upstream failed with HTTP {status}: {detail}")
 
 
-def _openai_param(response: httpx.Response) -> str | None:
+def _openai_field(response: httpx.Response, name: str) -> str | None:
+    """A string field of an OpenAI-shaped ``{"error": {...}}`` body, if there is one."""
     try:
         error = response.json().get("error")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None
-    param = error.get("param") if isinstance(error, dict) else None
-    return param if isinstance(param, str) else None
+    value = error.get(name) if isinstance(error, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def upstream_json(response: httpx.Response, *, provider: str, what: str) -> Any:

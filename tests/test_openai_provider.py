@@ -167,6 +167,37 @@ def test_upstream_errors_are_mapped_and_never_leak_the_key(
         assert "gateway's credentials" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("error", "expected_code"),
+    [
+        # dall-e-3's moderation refusal.
+        (
+            {"type": "invalid_request_error", "code": "content_policy_violation", "param": None},
+            "content_policy_violation",
+        ),
+        # gpt-image's moderation refusal has its own code; clients see OpenAI's usual one.
+        (
+            {"type": "image_generation_user_error", "code": "moderation_blocked", "param": None},
+            "content_policy_violation",
+        ),
+        ({"type": "invalid_request_error", "code": "invalid_value", "param": "n"}, "invalid_value"),
+        # Free text is no code: it would be matched on by client code.
+        ({"type": "invalid_request_error", "code": f"key {SECRET} refused"}, None),
+        ({"type": "invalid_request_error", "code": 7}, None),
+    ],
+)
+def test_the_upstream_error_code_reaches_the_client(recorder, start_gateway, error, expected_code):
+    payload = {"error": {"message": f"refused {SECRET}", **error}}
+    recorder.fail_with = (400, payload, {})
+    gateway = start_gateway(config(recorder.url), environ={"UPSTREAM_KEY": SECRET})
+    response = post(gateway, size="64x64")
+    body = assert_openai_error(response, 400)
+    assert body["code"] == expected_code
+    assert body["type"] == "invalid_request_error"
+    assert body["param"] == error.get("param")
+    assert SECRET not in response.text
+
+
 def test_missing_upstream_key_is_a_clear_502(recorder, start_gateway):
     gateway = start_gateway(config(recorder.url), environ={})
     error = assert_openai_error(post(gateway, size="64x64"), 502)
