@@ -99,8 +99,8 @@ class Generator:
             if failed:
                 detail += " after " + ", ".join(failed) + " failed"
             result.report.record("model", "converted", detail)
-            for param in request.model_fields_set:
-                if getattr(request, param) is None and result.report.get(param) is None:
+            for param in request.null_fields:
+                if result.report.get(param) is None:
                     result.report.record(param, "ignored", "null: the default applies")
             if "stream" in request.model_fields_set:
                 if request.stream:

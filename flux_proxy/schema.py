@@ -13,7 +13,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -46,6 +56,35 @@ class ImageRequest(BaseModel):
     output_compression: StrictInt | None = Field(None, ge=0, le=100)
     seed: StrictInt | None = None
     stream: StrictBool | None = None
+    # Top-level fields the client sent as JSON null.
+    _null_fields: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _null_means_the_default(
+        cls, data: Any, handler: ModelWrapValidatorHandler[ImageRequest]
+    ) -> ImageRequest:
+        # Null means the default for every field: {"size": null} is no size, and
+        # {"n": null} is n=1, so a field whose default is not None drops its null
+        # before validation. A required field stays required.
+        nulls = (
+            frozenset(k for k, v in data.items() if v is None)
+            if isinstance(data, dict)
+            else frozenset()
+        )
+        fields = cls.model_fields
+        defaulted = {
+            name
+            for name in nulls
+            if name in fields
+            and not fields[name].is_required()
+            and fields[name].default is not None
+        }
+        if defaulted and isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in defaulted}
+        request = handler(data)
+        request._null_fields = nulls
+        return request
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -56,6 +95,11 @@ class ImageRequest(BaseModel):
         if isinstance(value, float):
             return format(value, "g")
         return value
+
+    @property
+    def null_fields(self) -> frozenset[str]:
+        """The parameters the client sent as null (their defaults apply)."""
+        return self._null_fields
 
     @property
     def extras(self) -> dict[str, Any]:

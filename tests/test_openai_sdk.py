@@ -112,9 +112,28 @@ def test_custom_aspect_ratio_without_pixels_is_400(gateway: str):
 def test_null_parameters_are_reported_as_defaults(gateway: str):
     response = httpx.post(
         f"{gateway}/v1/images/generations",
-        json={"model": "flux1.1-pro", "prompt": "x", "size": None, "seed": None},
+        json={
+            "model": "flux1.1-pro",
+            "prompt": "x",
+            "size": None,
+            "seed": None,
+            "n": None,
+            "response_format": "b64_json",
+        },
     )
     assert response.status_code == 200
     report = json.loads(response.headers["x-flux-proxy-params"])
     assert report["size"] == {"handling": "ignored", "detail": "null: the default applies"}
     assert report["seed"]["detail"] == "null: the default applies"
+    # n's default is 1, not None: null still means the default, never a 400.
+    assert report["n"] == {"handling": "ignored", "detail": "null: the default applies"}
+    (item,) = response.json()["data"]
+    assert_image(base64.b64decode(item["b64_json"]), "png", (1024, 1024))
+
+
+def test_null_prompt_is_still_a_400(gateway: str):
+    response = httpx.post(
+        f"{gateway}/v1/images/generations", json={"model": "flux1.1-pro", "prompt": None}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "prompt"
