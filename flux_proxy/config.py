@@ -1,12 +1,12 @@
 """Settings: one YAML (or TOML, by the ``.toml`` suffix) file plus ``FLUX_PROXY_*``
-environment variables.
+environment variables, laid over each other by pydantic-settings.
 
 Environment variables name a section and a key joined by a double underscore,
 ``FLUX_PROXY_LIMITS__MAX_N=4`` sets ``limits.max_n``; they win over the file.
 A value is read by the type of the setting it names: text settings take the
-value verbatim (``FLUX_PROXY_SERVER__HOST=::``), list settings take YAML flow
+value verbatim (``FLUX_PROXY_SERVER__HOST=::``), list settings take YAML/JSON flow
 lists or comma-separated items (``FLUX_PROXY_MIDDLEWARES=size,passthrough``),
-everything else is read as a YAML scalar or flow collection (``4``, ``true``).
+free-form values are YAML scalars (``4``, ``true``); see EnvironmentSource.
 Secrets (provider keys, client keys, the URL-signing key) are never stored in
 settings, only the *names* of the environment variables that hold them.
 """
@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import os
 import tomllib
-import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -30,8 +29,17 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 ENV_PREFIX = "FLUX_PROXY_"
+NESTED_DELIMITER = "__"
 
 DEFAULT_MIDDLEWARES = ["response_format", "output_format", "size", "fanout", "passthrough"]
 
@@ -181,7 +189,16 @@ def _default_models() -> dict[str, ModelConfig]:
     }
 
 
-class Settings(_Section):
+class Settings(BaseSettings):
+    # Declares how pydantic-settings reads FLUX_PROXY_SECTION__KEY variables (see
+    # EnvironmentSource); blank variables count as unset, as an empty FLUX_PROXY_CONFIG does.
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED_DELIMITER,
+        env_ignore_empty=True,
+    )
+
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
@@ -193,6 +210,20 @@ class Settings(_Section):
     middlewares: list[str] = Field(default_factory=lambda: list(DEFAULT_MIDDLEWARES))
     models: dict[str, ModelConfig] = Field(default_factory=_default_models)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Settings(...) is built from its arguments alone: the file and the environment are
+        # laid over each other by load_settings, from the mapping it is handed, never from
+        # os.environ behind the caller's back.
+        return (init_settings,)
+
     def provider_configs(self) -> list[ProviderConfig]:
         return [target for model in self.models.values() for target in model.providers]
 
@@ -201,16 +232,13 @@ def load_settings(
     path: str | Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Read the file (if any), lay the environment over it, and validate."""
-    environ = os.environ if environ is None else environ
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = _read_file(Path(path))
-    overlay, origins = _from_environment(environ)
-    _merge(data, overlay)
+    environment = EnvironmentSource(os.environ if environ is None else environ)
+    file = InitSettingsSource(Settings, {} if path is None else _read_file(Path(path)))
     try:
-        return Settings.model_validate(data)
+        # Earlier sources win: the environment over the file, the file over the defaults.
+        return Settings(_build_sources=((environment, file), {}))
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, path, origins)) from None
+        raise ConfigError(describe_validation_error(exc, path, environment.origins)) from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -241,96 +269,65 @@ def _syntax_error(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def _from_environment(
-    environ: Mapping[str, str],
-) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """The settings named by ``FLUX_PROXY_*`` variables, and which variable set each."""
-    sections = set(Settings.model_fields)
-    found: dict[str, Any] = {}
-    origins: dict[tuple[str, ...], str] = {}
-    for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
-        if path[0] not in sections or (len(path) == 1 and path[0] != "middlewares"):
-            continue  # e.g. FLUX_PROXY_API_KEYS holds a secret, not a setting
-        value = _env_value(name, raw, _annotation_at(path))
-        node = found
-        for depth, key in enumerate(path[:-1]):
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                other = origins.get(tuple(path[: depth + 1]), "another variable")
-                raise ConfigError(f"{name} conflicts with {other}: both set {'.'.join(path)}")
-            node = child
-        if isinstance(node.get(path[-1]), dict):
-            raise ConfigError(f"{name} conflicts with {name}__*: both set {'.'.join(path)}")
-        node[path[-1]] = value
-        origins[tuple(path)] = name
-    return found, origins
+class EnvironmentSource(EnvSettingsSource):
+    """The settings named by the ``FLUX_PROXY_*`` variables of an explicit mapping.
 
+    pydantic-settings does the reading (prefix, ``__`` nesting, text settings verbatim);
+    this adds the house rules the file's users expect:
 
-def _env_value(name: str, raw: str, annotation: Any) -> Any:
-    if not raw.strip():
-        return None
-    kinds = _kinds(annotation)
-    if kinds == {"text"}:
-        # Verbatim: YAML would make "::" a mapping, "no" False and "1.10" the number 1.1.
-        return raw
-    if kinds == {"list"} and not raw.lstrip().startswith("["):
-        return [item.strip() for item in raw.split(",") if item.strip()]
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{name}: cannot read the value: {_syntax_error(exc)}") from None
+    - a model's inline provider keys (``FLUX_PROXY_MODELS__M__UPSTREAM_MODEL``) are typed
+      as ProviderConfig's, as they are in the file (see ModelConfig);
+    - a list or table is a YAML/JSON flow collection when it starts with ``[`` or ``{``,
+      and comma-separated items otherwise (``FLUX_PROXY_MIDDLEWARES=size,passthrough``);
+    - a free-form value (inside a provider's ``options`` or ``capabilities``) is a YAML
+      scalar, so ``true`` is a boolean and ``4`` a number;
+    - ``origins`` records which variable set each key, for error messages, and two
+      variables that set the same key (``X`` and ``X__Y``) are refused.
+    """
 
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(Settings)  # reads the mapping through _load_env_vars
+        spelling = {name.lower(): name for name in environ}
+        prefix = self.env_prefix.lower()
+        self.origins: dict[tuple[str, ...], str] = {}
+        for name in self.env_vars:  # lower-cased, as pydantic-settings matches them
+            path = tuple(name[len(prefix) :].split(NESTED_DELIMITER))
+            if name.startswith(prefix) and path[0] in Settings.model_fields:
+                self.origins[path] = spelling[name]
 
-def _annotation_at(path: list[str]) -> Any:
-    """The declared type of the setting at ``path``; ``Any`` where free-form or unknown."""
-    annotation: Any = Settings
-    for key in path:
-        inner = _strip_optional(annotation)
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            # A model's inline provider keys are ProviderConfig's (see ModelConfig).
-            field = inner.model_fields.get(key) or (
-                ProviderConfig.model_fields.get(key) if inner is ModelConfig else None
-            )
-            if field is None:
-                return Any  # unknown key: validation names it
-            annotation = field.annotation
-        elif get_origin(inner) is dict:
-            annotation = get_args(inner)[1]
-        else:
-            return Any
-    return annotation
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {
+            name.lower(): value
+            for name, value in self._environ.items()
+            if not (self.env_ignore_empty and not value.strip())
+        }
 
+    def __call__(self) -> dict[str, Any]:
+        for path, name in sorted(self.origins.items()):
+            for longer, other in sorted(self.origins.items()):
+                if len(longer) > len(path) and longer[: len(path)] == path:
+                    raise ConfigError(f"{name} conflicts with {other}: both set {'.'.join(path)}")
+        return super().__call__()
 
-def _strip_optional(annotation: Any) -> Any:
-    if get_origin(annotation) in (Union, types.UnionType):
-        members = [arg for arg in get_args(annotation) if arg is not type(None)]
-        if len(members) == 1:
-            return members[0]
-    return annotation
+    def next_field(
+        self, field: FieldInfo | Any | None, key: str, case_sensitive: bool | None = None
+    ) -> FieldInfo | None:
+        if field is ModelConfig and key not in ModelConfig.model_fields:
+            field = ProviderConfig  # an inline provider key (see ModelConfig)
+        # A raw type where a dict's values are typed (ModelConfig for models.NAME), Any for
+        # options and capabilities: no type to go by, so None makes it a free-form value.
+        found: Any = super().next_field(field, key, case_sensitive)
+        return None if found is Any else found
 
-
-def _kinds(annotation: Any) -> set[str]:
-    """How an environment value for a setting of this type is read: text, list or YAML."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        return set().union(*(_kinds(arg) for arg in get_args(annotation) if arg is not type(None)))
-    if annotation is str or annotation is Path:
-        return {"text"}
-    if get_origin(annotation) is Literal:
-        return {"text"} if all(isinstance(arg, str) for arg in get_args(annotation)) else {"yaml"}
-    if get_origin(annotation) in (list, tuple):
-        return {"list"}
-    return {"yaml"}
-
-
-def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> None:
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
+    def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
+        text = str(value).strip()
+        if field is not None and not text.startswith(("[", "{")):
+            return [item.strip() for item in text.split(",") if item.strip()]
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            return value  # not YAML: taken as text, and validation names key and variable
 
 
 def describe_validation_error(

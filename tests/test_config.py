@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from flux_proxy import FluxProxy
-from flux_proxy.config import ConfigError, Settings, load_settings
+from flux_proxy.config import ConfigError, EnvironmentSource, Settings, load_settings
 from tests.images import assert_image
 
 FULL_CONFIG = """
@@ -238,6 +239,50 @@ def test_list_settings_take_comma_separated_or_yaml_lists(value):
     assert settings.middlewares == ["size", "passthrough"]
 
 
+def test_middlewares_from_the_environment_take_a_json_list_of_names_or_entries():
+    # The list is decoded before validation, so entries may be names or {name, options}
+    # mappings, whatever Settings.middlewares accepts.
+    source = EnvironmentSource(
+        {"FLUX_PROXY_MIDDLEWARES": '["size", {"name": "fanout", "options": {"limit": 2}}]'}
+    )
+    assert source() == {"middlewares": ["size", {"name": "fanout", "options": {"limit": 2}}]}
+    settings = load_settings(None, {"FLUX_PROXY_MIDDLEWARES": '["size", "passthrough"]'})
+    assert settings.middlewares == ["size", "passthrough"]
+
+
+def test_free_form_values_from_the_environment_are_yaml_scalars():
+    environ = {
+        "FLUX_PROXY_MODELS__M__PROVIDER": "local",
+        "FLUX_PROXY_MODELS__M__CAPABILITIES__MAX_IMAGES_PER_CALL": "4",
+        "FLUX_PROXY_MODELS__M__CAPABILITIES__SIZES__MULTIPLE_OF": "16",
+        "FLUX_PROXY_MODELS__M__OPTIONS__QUALITY": "high",
+    }
+    provider = load_settings(None, environ).models["m"].providers[0]
+    assert provider.capabilities == {"max_images_per_call": 4, "sizes": {"multiple_of": 16}}
+    assert provider.options == {"quality": "high"}
+
+
+def test_a_whole_section_from_one_variable_is_a_flow_mapping(tmp_path):
+    path = write(tmp_path, FULL_CONFIG)
+    settings = load_settings(path, {"FLUX_PROXY_LIMITS": '{"max_n": 3, "max_side": 1024}'})
+    assert (settings.limits.max_n, settings.limits.max_side) == (3, 1024)
+
+
+def test_blank_variables_count_as_unset(tmp_path):
+    path = write(tmp_path, "server:\n  public_url: https://img.example.com\n")
+    environ = {"FLUX_PROXY_SERVER__PUBLIC_URL": "", "FLUX_PROXY_LIMITS__MAX_N": "  "}
+    settings = load_settings(path, environ)
+    assert settings.server.public_url == "https://img.example.com"
+    assert settings.limits.max_n == Settings().limits.max_n
+
+
+def test_settings_never_read_the_process_environment_implicitly(monkeypatch):
+    monkeypatch.setattr(os, "environ", {"FLUX_PROXY_LIMITS__MAX_N": "3"})
+    assert Settings().limits.max_n == 10
+    assert load_settings(None, {}).limits.max_n == 10
+    assert load_settings(None).limits.max_n == 3  # no mapping given: the process's own
+
+
 def test_secret_variables_are_not_settings(tmp_path):
     environ = {
         "FLUX_PROXY_API_KEYS": "sk-client-1,sk-client-2",
@@ -319,6 +364,19 @@ def test_wrong_type_from_the_environment_names_the_key_and_variable(tmp_path):
 def test_unparseable_environment_value_is_a_config_error():
     message = config_error(None, {"FLUX_PROXY_LIMITS__MAX_N": "[1, 2"})
     assert "FLUX_PROXY_LIMITS__MAX_N" in message
+
+
+def test_unparseable_list_from_the_environment_names_the_key_and_variable():
+    message = config_error(None, {"FLUX_PROXY_MIDDLEWARES": "[size, passthrough"})
+    assert "middlewares:" in message and "(from FLUX_PROXY_MIDDLEWARES)" in message
+
+
+def test_section_variable_conflicting_with_its_key_variable_is_a_config_error():
+    message = config_error(
+        None, {"FLUX_PROXY_LIMITS": '{"max_n": 3}', "FLUX_PROXY_LIMITS__MAX_N": "4"}
+    )
+    assert "FLUX_PROXY_LIMITS conflicts with FLUX_PROXY_LIMITS__MAX_N" in message
+    assert "limits" in message
 
 
 def test_conflicting_environment_variables_are_a_config_error():
