@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from flux_proxy.errors import GatewayError, UpstreamTimeout
+from flux_proxy.providers.base import ProviderOptions
 
 logger = logging.getLogger("flux_proxy")
 
@@ -51,10 +52,8 @@ class Backoff:
         await anyio.sleep(self.delay(retry_after))
 
 
-class PollingOptions(BaseModel):
+class PollingOptions(ProviderOptions):
     """The poll options every polling provider offers; subclass to add its own."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # First wait between polls when the provider suggests none; later waits grow.
     poll_interval: float = Field(0.5, gt=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from flux_proxy.config import ConfigError
 
@@ -38,6 +38,28 @@ class Provider(Protocol):
 
 
 ProviderFactory = Callable[["Runtime"], Provider]
+
+
+class ProviderOptions(BaseModel):
+    """The options every provider's model entry takes; a provider subclasses it for its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # More hosts the provider key may be sent to when an upstream's answer names them
+    # (exact names, or "*.example.com"); see flux_proxy/hosts.py.
+    trusted_hosts: tuple[str, ...] = ()
+
+    @field_validator("trusted_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        for host in hosts:
+            wildcard = host.startswith("*.")
+            name = host.removeprefix("*.")
+            # "*.com" would trust a whole top-level domain: a wildcard needs a dot below it.
+            bad_wildcard = wildcard and "." not in name
+            if not name or bad_wildcard or any(char in name for char in "/:*@ "):
+                raise ValueError(f"{host!r} is not a host name or a *.domain pattern")
+        return hosts
 
 
 Options = TypeVar("Options", bound=BaseModel)

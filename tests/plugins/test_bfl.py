@@ -21,9 +21,10 @@ from starlette.testclient import TestClient
 
 from flux_proxy.config import ConfigError
 from flux_proxy.errors import UpstreamError
+from flux_proxy.hosts import KeyHosts
 from flux_proxy.plugins import load_registry
 from flux_proxy_bfl.emulator import BflEmulator
-from flux_proxy_bfl.provider import BflOptions, BflProvider, check_polling_host
+from flux_proxy_bfl.provider import BflProvider
 from tests.images import assert_image, decode
 from tests.openapi import assert_openai_error
 from tests.servers import serve
@@ -386,7 +387,7 @@ def test_the_key_is_not_sent_to_a_polling_host_that_is_not_bfls(bfl, start_gatew
     emulator.polling_base = f"http://localhost:{urlsplit(url).port}"
     gateway = gateway_for(start_gateway, url, fetch={"allow_private_hosts": ["localhost"]})
     error = assert_openai_error(post(gateway, size="256x256"), 502)
-    assert "polling_hosts" in error["message"]
+    assert "trusted_hosts" in error["message"]
     assert len(emulator.submits) == 1 and emulator.polls == []
 
 
@@ -572,9 +573,8 @@ def test_emulator_result_urls_are_signed_and_expire():
     ],
 )
 def test_polling_hosts_that_get_the_key(polling_url, allowed):
-    options = BflOptions()
-    if allowed:
-        check_polling_host(polling_url, "https://api.bfl.ai", options)
-    else:
+    hosts = KeyHosts("bfl", BflProvider.key_hosts, "https://api.bfl.ai")
+    assert hosts.allows(polling_url) is allowed
+    if not allowed:
         with pytest.raises(UpstreamError):
-            check_polling_host(polling_url, "https://api.bfl.ai", options)
+            hosts.check(polling_url, "polling URL")

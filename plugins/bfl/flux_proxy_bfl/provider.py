@@ -19,8 +19,9 @@ Model ``options``:
   BFL's own ``Retry-After`` (1 s in practice) wins, capped at the larger of the two.
 - ``poll_timeout``: give up with a 504 after polling this many seconds; unset: only the
   request's own deadline (``limits.request_timeout``).
-- ``polling_hosts``: hosts a polling URL may name besides ``*.bfl.ai``, ``*.bfl.ml`` and
-  the ``base_url``'s host. The key travels with every poll, so other hosts are refused.
+- ``trusted_hosts`` (older name ``polling_hosts``): hosts a polling URL may name besides
+  ``*.bfl.ai``, ``*.bfl.ml`` and the ``base_url``'s origin. The key travels with every
+  poll, so other hosts are refused.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import httpx
-from pydantic import model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from flux_proxy.capabilities import Capabilities, SizeSupport
 from flux_proxy.config import ProviderConfig
@@ -44,6 +44,7 @@ from flux_proxy.errors import (
     redact,
 )
 from flux_proxy.fields import SIZE_PARAMS, FieldRule, NativeBody, public_param
+from flux_proxy.hosts import KeyHosts
 from flux_proxy.polling import PollingOptions
 from flux_proxy.providers.base import provider_options
 from flux_proxy.runtime import Runtime
@@ -165,10 +166,10 @@ REJECTED_FIELDS: dict[str, str] = {
     "webhook_secret": "the gateway polls BFL itself and returns the image in its response",
 }
 # Hosts the gateway sends its x-key to when a polling URL names them, besides the
-# configured base_url's host: BFL's regional and per-cluster hosts (api.eu2.bfl.ai,
+# configured base_url's origin: BFL's regional and per-cluster hosts (api.eu2.bfl.ai,
 # gateway.bfl.ai, ...) and the legacy bfl.ml domain. A polling URL anywhere else would
-# get the key too, so it is refused unless listed in the ``polling_hosts`` option.
-BFL_DOMAINS = ("bfl.ai", "bfl.ml")
+# get the key too, so it is refused unless listed in the ``trusted_hosts`` option.
+KEY_HOSTS = ("bfl.ai", "*.bfl.ai", "bfl.ml", "*.bfl.ml")
 # BFL's body fields that carry a public parameter under another name (for 422s).
 SIZE_FIELDS = frozenset({"width", "height", "aspect_ratio"})
 
@@ -176,8 +177,10 @@ SIZE_FIELDS = frozenset({"width", "height", "aspect_ratio"})
 class BflOptions(PollingOptions):
     """The model entry's ``options`` (checked when the gateway starts)."""
 
-    # More hosts a polling URL may name (the key is sent there); exact names.
-    polling_hosts: tuple[str, ...] = ()
+    # ``polling_hosts`` is this plugin's older name for the shared option.
+    trusted_hosts: tuple[str, ...] = Field(
+        (), validation_alias=AliasChoices("trusted_hosts", "polling_hosts")
+    )
 
     @model_validator(mode="after")
     def _interval_order(self) -> BflOptions:
@@ -202,6 +205,7 @@ def _options(config: ProviderConfig) -> BflOptions:
 class BflProvider:
     name = "bfl"
     default_model = DEFAULT_MODEL
+    key_hosts = KEY_HOSTS
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
@@ -232,7 +236,7 @@ class BflProvider:
         polling_url = task.get("polling_url")
         if not isinstance(polling_url, str) or not polling_url:
             raise UpstreamError("The bfl upstream accepted the task but gave no polling_url.")
-        check_polling_host(polling_url, base_url, options)
+        key_hosts(base_url, options).check(polling_url, "polling URL")
         with options.deadline("bfl task"):
             result = await self._poll(job, polling_url, key, options)
         return [self._image(job, result)]
@@ -335,16 +339,9 @@ def _base_url(configured: str | None) -> str:
     return base.removesuffix("/v1")
 
 
-def check_polling_host(url: str, base_url: str, options: BflOptions) -> None:
-    host = (urlsplit(url).hostname or "").lower()
-    trusted = {urlsplit(base_url).hostname or "", *(h.lower() for h in options.polling_hosts)}
-    if host in trusted or any(host == d or host.endswith(f".{d}") for d in BFL_DOMAINS):
-        return
-    raise UpstreamError(
-        f"The bfl upstream handed out a polling URL on {host or 'no host'!r}, which is not a "
-        "BFL host nor the configured base_url's; the gateway does not send its key there "
-        "(list the host in the model's polling_hosts option to allow it)."
-    )
+def key_hosts(base_url: str, options: BflOptions) -> KeyHosts:
+    """Where the x-key may go: BFL's hosts, the base_url's origin, the configured ones."""
+    return KeyHosts("bfl", (*KEY_HOSTS, *options.trusted_hosts), base_url)
 
 
 def _reduced_ratio(width: int, height: int) -> str:

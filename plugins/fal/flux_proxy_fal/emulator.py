@@ -150,6 +150,7 @@ class FalEmulator:
         strict_sizes: bool = True,
         url_ttl: float = 3600.0,
         signing_key: bytes | None = None,
+        urls_base: str | None = None,
     ) -> None:
         self.key = key
         # Status polls answered IN_QUEUE/IN_PROGRESS before one says COMPLETED.
@@ -166,6 +167,9 @@ class FalEmulator:
         self.strict_sizes = strict_sizes
         self.url_ttl = url_ttl
         self._signing_key = signing_key or secrets.token_bytes(32)
+        # Base URL of the status/response/cancel URLs handed out (default: the one the
+        # emulator was reached at); another host shows who follows them with the key.
+        self.urls_base = urls_base
         self.requests: list[Recorded] = []
         self.queue: dict[str, QueuedRequest] = {}
         self._files: dict[str, tuple[bytes, str]] = {}
@@ -236,7 +240,7 @@ class FalEmulator:
         headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
         return JSONResponse(
             {
-                **self._urls(base, queued),
+                **self._urls(self.urls_base or base, queued),
                 "status": "IN_QUEUE",
                 "queue_position": self._queued_polls,
                 "logs": None,
@@ -256,7 +260,7 @@ class FalEmulator:
         state = self._state(queued)
         with_logs = request.query_params.get("logs") == "1"
         body: dict[str, Any] = {
-            **self._urls(str(request.base_url), queued),
+            **self._urls(self.urls_base or str(request.base_url), queued),
             "status": state,
             "logs": _logs(queued, state) if with_logs else None,
             "metrics": {},
@@ -318,7 +322,7 @@ class FalEmulator:
     @staticmethod
     def _urls(base: str, queued: QueuedRequest) -> dict[str, str]:
         # Owner/app only: fal drops the model's sub-path from these URLs.
-        response_url = f"{base}{queued.app_id}/requests/{queued.request_id}"
+        response_url = f"{base.rstrip('/')}/{queued.app_id}/requests/{queued.request_id}"
         return {
             "request_id": queued.request_id,
             "response_url": response_url,

@@ -48,6 +48,7 @@ from flux_proxy.errors import (
     redact,
 )
 from flux_proxy.fields import SIZE_PARAMS, NativeBody, public_param
+from flux_proxy.hosts import KeyHosts
 from flux_proxy.polling import PollingOptions, cancel_upstream_on_exit
 from flux_proxy.providers.base import provider_options
 from flux_proxy.runtime import Runtime
@@ -59,6 +60,10 @@ logger = logging.getLogger("flux_proxy.fal")
 KEY_ENV = "FAL_KEY"
 DEFAULT_MODEL = "fal-ai/flux-pro/v1.1"
 DEFAULT_HOSTS: dict[str, str] = {"queue": "https://queue.fal.run", "sync": "https://fal.run"}
+# fal's own API hosts (queue.fal.run, fal.run, the backup queue.falrun.com): the only
+# ones, with the configured base_url and the trusted_hosts option, that get the key when
+# a queue ticket names them. Result files (fal.media) are downloaded without it.
+KEY_HOSTS = ("fal.run", "*.fal.run", "falrun.com", "*.falrun.com")
 
 # fal's named image sizes (fal toolkit); a size equal to one is sent by name.
 IMAGE_SIZE_PRESETS: dict[tuple[int, int], str] = {
@@ -198,6 +203,7 @@ class _Call:
     model: FalModel
     options: FalOptions
     key: str = field(repr=False)  # never in a repr, a log line or a traceback's locals dump
+    hosts: KeyHosts
     headers: dict[str, str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -224,9 +230,10 @@ class FalProvider:
         key_env = config.api_key_env or KEY_ENV
         key = self._runtime.upstream_key(key_env)
         options = options_for(config)
-        call = _Call(job, model_for(config), options, key)
         model_id = config.upstream_model or DEFAULT_MODEL
         base = (config.base_url or DEFAULT_HOSTS[options.mode]).rstrip("/")
+        hosts = KeyHosts(self.name, (*KEY_HOSTS, *options.trusted_hosts), base)
+        call = _Call(job, model_for(config), options, key, hosts)
         body = self._body(call)
         if options.mode == "sync":
             output = await self._run_sync(call, f"{base}/{model_id}", body)
@@ -297,6 +304,12 @@ class FalProvider:
         status_url, response_url, cancel_url = (
             _url_in(ticket, name) for name in ("status_url", "response_url", "cancel_url")
         )
+        for name, url in (
+            ("status_url", status_url),
+            ("response_url", response_url),
+            ("cancel_url", cancel_url),
+        ):
+            call.hosts.check(url, name)
         await self._report(call, ticket)
 
         async def cancel() -> None:

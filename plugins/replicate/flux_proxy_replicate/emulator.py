@@ -187,6 +187,9 @@ class ReplicateEmulator:
     create_status: int = 201
     # Serve urls.get/urls.cancel under this prefix too, to show clients follow them.
     urls_prefix: str = ""
+    # Base URL of the urls.get/urls.cancel handed out (default: the one the emulator was
+    # reached at); another host shows who follows them with the token.
+    urls_base: str | None = None
     # Lifetime of output links and of a prediction's data.
     url_ttl: float = 3600.0
     clock: Callable[[], float] = time.time
@@ -339,7 +342,7 @@ class ReplicateEmulator:
 
     def _public(self, prediction: Prediction) -> dict[str, Any]:
         """The prediction object as Replicate's API shows it."""
-        base = prediction.base_url + self.urls_prefix.rstrip("/")
+        base = (self.urls_base or prediction.base_url).rstrip("/") + self.urls_prefix.rstrip("/")
         removed = self.clock() > prediction.created + self.url_ttl
         output = None
         if prediction.status == "succeeded" and not removed and prediction.filename:

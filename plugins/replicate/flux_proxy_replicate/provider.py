@@ -46,6 +46,7 @@ from flux_proxy.errors import (
     redact,
 )
 from flux_proxy.fields import FieldRule, NativeBody, public_param
+from flux_proxy.hosts import KeyHosts
 from flux_proxy.polling import PollingOptions, cancel_upstream_on_exit
 from flux_proxy.providers.base import provider_options
 from flux_proxy.runtime import Runtime
@@ -62,6 +63,10 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 MODERATION_MARKERS = ("e005", "flagged as sensitive")
 # A cancellation whose error says one of these was a deadline on Replicate's side (504).
 TIMEOUT_MARKERS = ("timed out", "timeout", "time limit", "deadline")
+# Replicate's API hosts: with the configured base_url and the trusted_hosts option, the
+# only ones that get the token when a prediction's urls name them. Outputs
+# (replicate.delivery) are downloaded without it.
+KEY_HOSTS = ("replicate.com", "*.replicate.com")
 # Replicate keeps Prefer: wait open for at most this long.
 MAX_WAIT_SECONDS = 60
 
@@ -247,6 +252,12 @@ class ReplicateProvider:
             raise UpstreamError(
                 "The replicate upstream returned a running prediction without urls.get."
             )
+        hosts = KeyHosts(
+            self.name, (*KEY_HOSTS, *options.trusted_hosts), _base_url(job.route.config)
+        )
+        hosts.check(get_url, "urls.get")
+        if isinstance(cancel_url, str):
+            hosts.check(cancel_url, "urls.cancel")
         auth = {"Authorization": f"Bearer {key}"}
 
         async def cancel() -> None:
