@@ -94,6 +94,8 @@ class Capabilities(BaseModel):
     output_formats: tuple[OutputFormat, ...] = ("png",)
     # Whether the provider honours output_compression for its lossy formats.
     accepts_compression: bool = False
+    # Whether the provider takes a seed at all (OpenAI's own API refuses one with a 400).
+    accepts_seed: bool = True
     # The provider's name, type and range per public field, e.g.
     # {"output_compression": "output_quality", "safety_tolerance": {"type": "string"}}.
     fields: dict[str, FieldRule] = Field(default_factory=dict)
@@ -108,6 +110,10 @@ class Capabilities(BaseModel):
             if isinstance(data.get("ratios"), dict):
                 data["ratios"] = {k: _parse_preset(v) for k, v in data["ratios"].items()}
         return data
+
+    def accepts(self, param: str) -> bool:
+        """Whether a public parameter may be sent to the provider at all."""
+        return self.accepts_seed if param == "seed" else True
 
     def with_overrides(self, overrides: dict[str, Any]) -> Capabilities:
         """A copy with config overrides merged in (nested tables merge key by key)."""

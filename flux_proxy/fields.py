@@ -67,7 +67,12 @@ class NativeBody:
         self.body: dict[str, Any] = {}
 
     def put(self, param: str, value: Any) -> None:
-        rule = self._job.route.capabilities.fields.get(param)
+        capabilities = self._job.route.capabilities
+        if not capabilities.accepts(param):
+            # Not sent, so any earlier note about it (fan-out's seed + i) is void.
+            self._job.report.record(param, "ignored", f"this upstream does not accept {param}")
+            return
+        rule = capabilities.fields.get(param)
         name, native = convert(param, value, rule)
         self.body[name] = native
         handling, detail = describe(param, value, name, native)

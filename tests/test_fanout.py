@@ -44,7 +44,7 @@ def upstream_config(url: str, per_call: int) -> dict:
                 "provider": "openai",
                 "base_url": f"{url}/v1",
                 "options": {"response_format": "b64_json"},
-                "capabilities": {"max_images_per_call": per_call},
+                "capabilities": {"max_images_per_call": per_call, "accepts_seed": True},
             }
         },
     }

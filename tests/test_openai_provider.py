@@ -101,6 +101,32 @@ def test_declared_capabilities_drive_what_is_asked(recorder, start_gateway):
     assert "1536x1024" in report["size"]["detail"]
 
 
+def test_seed_is_not_sent_to_an_upstream_that_refuses_it(recorder, start_gateway):
+    # OpenAI's own API answers 400 to an unknown `seed`: by default none is sent.
+    gateway = start_gateway(config(recorder.url), environ={"UPSTREAM_KEY": "k"})
+    response = post(gateway, size="64x64", n=2, seed=5, response_format="b64_json")
+    assert response.status_code == 200, response.text
+    for item in response.json()["data"]:
+        assert_image(base64.b64decode(item["b64_json"]), "png", (64, 64))
+    assert len(recorder.requests) == 2
+    assert all("seed" not in body for body in recorder.requests)
+    report = json.loads(response.headers["x-flux-proxy-params"])
+    assert report["seed"] == {
+        "handling": "ignored",
+        "detail": "this upstream does not accept seed",
+    }
+
+
+def test_seed_is_sent_where_the_capabilities_say_the_upstream_takes_it(recorder, start_gateway):
+    caps = {"accepts_seed": True}
+    gateway = start_gateway(config(recorder.url, capabilities=caps), environ={"UPSTREAM_KEY": "k"})
+    response = post(gateway, size="64x64", seed=5, response_format="b64_json")
+    assert response.status_code == 200, response.text
+    assert [body["seed"] for body in recorder.requests] == [5]
+    report = json.loads(response.headers["x-flux-proxy-params"])
+    assert report["seed"]["handling"] == "passthrough"
+
+
 def test_a_wrong_sized_upstream_answer_is_fixed_to_the_exact_size(recorder, start_gateway):
     recorder.force_size = (1000, 1000)
     gateway = start_gateway(config(recorder.url), environ={"UPSTREAM_KEY": "k"})

@@ -6,7 +6,9 @@ Model ``options``:
 
 - ``response_format``: what to ask the upstream for (``b64_json`` or ``url``);
   unset sends nothing (GPT-image models reject the field and always return base64).
-- ``send_seed``: send ``seed`` (a common extension; default true).
+
+``seed`` is not part of OpenAI's API (api.openai.com refuses it with a 400), so
+it is sent only when the model's ``capabilities`` say ``accepts_seed: true``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class OpenAICompatibleProvider:
 
     def capabilities(self, model: ProviderConfig) -> Capabilities:
         # Conservative defaults: what every OpenAI Images server does. Declare more in config.
-        return Capabilities(max_images_per_call=1, output_formats=("png",))
+        return Capabilities(max_images_per_call=1, output_formats=("png",), accepts_seed=False)
 
     def description(self, model: ProviderConfig) -> str:
         return f"{model.upstream_model or 'a model'} via an OpenAI-compatible upstream"
@@ -82,7 +84,7 @@ class OpenAICompatibleProvider:
             native.put("output_compression", job.output_compression)
         if options.get("response_format"):
             native.body["response_format"] = options["response_format"]
-        if job.seed is not None and options.get("send_seed", True):
+        if job.seed is not None:
             native.put("seed", job.seed)
         native.put_fields()
         return native.body
@@ -91,12 +93,13 @@ class OpenAICompatibleProvider:
         items = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(items, list) or not items:
             raise UpstreamError("The openai upstream answered without any images.")
+        sent_seed = job.route.capabilities.accepts_seed
         images = []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
                 raise UpstreamError("The openai upstream answered with a malformed image entry.")
             revised = item.get("revised_prompt")
-            seed = None if job.seed is None else job.seed + index
+            seed = None if job.seed is None or not sent_seed else job.seed + index
             if isinstance(item.get("b64_json"), str):
                 try:
                     data = base64.b64decode(item["b64_json"], validate=True)
