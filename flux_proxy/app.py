@@ -1,8 +1,10 @@
 """The outer layer: plain ASGI, mountable anywhere.
 
-``FluxProxy`` answers the OpenAI image routes under the API prefix and hands
-every other request to the host app it wraps (mounted mode) or answers 404.
-JSON is parsed once here, on the way in, and rendered once, on the way out.
+``FluxProxy`` answers the OpenAI image routes under the API prefix through a
+Starlette ``Router`` and hands every other request to the host app it wraps
+(mounted mode), to the forwarder (standalone, ``forward.base_url``) or answers
+an OpenAI-format 404. JSON is parsed once here, on the way in, and rendered
+once, on the way out.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import Route
+from starlette.routing import Router as HTTPRouter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flux_proxy.config import ConfigError, Settings, describe_validation_error, load_settings
 from flux_proxy.disconnect import unless_disconnected
@@ -45,14 +49,9 @@ from flux_proxy.store import is_valid_name
 
 logger = logging.getLogger("flux_proxy")
 
-_GENERATIONS_ROUTE = re.compile(r"^/images/generations$")
-_MODELS_ROUTE = re.compile(r"^/models$")
-_FILE_ROUTE = re.compile(r"^/images/files/([^/]+)$")
-_MODEL_ROUTE = re.compile(r"^/models/([^/]+)$")
-
 ConfigInput = Settings | str | Path | Mapping[str, Any] | None
 # A route handler; None means the client went away and nothing is to be sent.
-Handler = Callable[[Request, str], Awaitable[Response | None]]
+Handler = Callable[[Request], Awaitable[Response | None]]
 
 
 class FluxProxy:
@@ -97,62 +96,35 @@ class FluxProxy:
                 forward_authorization=not self._client_keys,
             )
         self._started = int(time.time())
-        # The gateway's own routes under the API prefix: pattern, methods, handler.
-        self._routes: list[tuple[re.Pattern[str], frozenset[str], Handler]] = [
-            (_GENERATIONS_ROUTE, frozenset({"POST"}), self._generations),
-            (_MODELS_ROUTE, frozenset({"GET"}), self._models),
-            (_MODEL_ROUTE, frozenset({"GET"}), self._model),
-            (_FILE_ROUTE, frozenset({"GET", "HEAD"}), self._file),
-        ]
+        prefix = self._prefix
+        self._fallback: ASGIApp = (
+            self._to_host if app is not None else self._forward if self._forwarder else _not_found
+        )
+        # The HTTP edge (self.router maps model names to providers).
+        self._http_router = HTTPRouter(
+            [
+                _GatewayRoute(f"{prefix}/images/generations", self._generations, ["POST"]),
+                _GatewayRoute(f"{prefix}/models", self._models, ["GET"]),
+                _GatewayRoute(f"{prefix}/models/{{name}}", self._model, ["GET"]),
+                _GatewayRoute(f"{prefix}/images/files/{{name}}", self._file, ["GET"]),
+            ],
+            # "/v1/models/" is not a gateway route: it falls through, it is not redirected.
+            redirect_slashes=False,
+            default=self._fallback,
+            lifespan=self._lifespan,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
-            return
-        if scope["type"] != "http":
-            await self._fall_through(scope, receive, send)
-            return
-        path = _path_in_app(scope)
-        if not path.startswith(self._prefix + "/"):
-            await self._fall_through(scope, receive, send)
-            return
-        route = path[len(self._prefix) :]
-        found = next((r for r in self._routes if r[0].match(route)), None)
-        if found is None:
-            await self._fall_through(scope, receive, send)
-            return
-        _, methods, handler = found
-        request = Request(scope, receive)
-        method = request.method
-        response: Response | None
-        if method not in methods:
-            response = _error_response(MethodNotAllowed(f"{method} is not allowed on {path}."))
-        else:
-            response = await self._respond(handler, request, route)
-        if response is not None:  # None: the client went away and its work was cancelled
-            await response(scope, receive, send)
-
-    async def _respond(self, handler: Handler, request: Request, route: str) -> Response | None:
-        started = time.perf_counter()
-        try:
-            response: Response | None = await handler(request, route)
-        except GatewayError as error:
-            response = _error_response(error)
-        except Exception:
-            logger.exception("unexpected failure on %s %s", request.method, request.url.path)
-            response = _error_response(InternalError("The gateway failed unexpectedly."))
-        logger.info(
-            "%s %s -> %s in %.0f ms",
-            request.method,
-            request.url.path,
-            response.status_code if response is not None else "client gone",
-            (time.perf_counter() - started) * 1000,
-        )
-        return response
+        if scope["type"] == "lifespan" and self._app is not None:
+            await self._host_lifespan(scope, receive, send)
+        elif scope["type"] in ("http", "lifespan"):
+            await self._http_router(scope, receive, send)
+        else:  # websockets and the rest are never the gateway's
+            await self._fallback(scope, receive, send)
 
     # --- routes -----------------------------------------------------------------
 
-    async def _generations(self, request: Request, route: str) -> Response | None:
+    async def _generations(self, request: Request) -> Response | None:
         self._authenticate(request.headers)
         payload = await self._json_body(request)
         image_request = _validate(payload)
@@ -177,7 +149,7 @@ class FluxProxy:
 
         return await unless_disconnected(request.receive, work)
 
-    async def _models(self, request: Request, route: str) -> Response:
+    async def _models(self, request: Request) -> Response:
         self._authenticate(request.headers)
         return JSONResponse(
             {
@@ -186,17 +158,14 @@ class FluxProxy:
             }
         )
 
-    async def _model(self, request: Request, route: str) -> Response:
+    async def _model(self, request: Request) -> Response:
         self._authenticate(request.headers)
-        match = _MODEL_ROUTE.match(route)
-        assert match is not None
-        self.router.resolve(match[1])
-        return JSONResponse(self._model_entry(match[1]))
+        name: str = request.path_params["name"]
+        self.router.resolve(name)
+        return JSONResponse(self._model_entry(name))
 
-    async def _file(self, request: Request, route: str) -> Response:
-        match = _FILE_ROUTE.match(route)
-        assert match is not None
-        name = match[1]
+    async def _file(self, request: Request) -> Response:
+        name: str = request.path_params["name"]
         if not is_valid_name(name):
             raise NotFound("No such image.", param=None)
         query = request.query_params
@@ -273,50 +242,87 @@ class FluxProxy:
         root = request.scope.get("root_path", "")
         return f"{request.url.scheme}://{request.url.netloc}{root}{self._prefix}"
 
-    async def _fall_through(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._app is not None:
-            await self._app(scope, receive, send)
-            return
-        if self._forwarder is not None and scope["type"] == "http":
-            # Client keys guard the forward too, or any client could spend the
-            # operator's upstream key without one.
-            try:
-                self._authenticate(Headers(scope=scope))
-            except GatewayError as refused:
-                await _error_response(refused)(scope, receive, send)
-                return
-            await self._forwarder(scope, receive, send)
-            return
-        if scope["type"] == "http":
-            error = NotFound(f"No route for {scope.get('path', '')}.", code="unknown_url")
-            await _error_response(error)(scope, receive, send)
+    # --- what is not the gateway's, and the lifespan ---------------------------------
 
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._app is not None:
-            try:
-                await self._app(scope, receive, send)
-            finally:
+    async def _to_host(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self._app is not None
+        # The Router marked the scope as its own; the host's url_for must find the host's.
+        if scope.get("router") is self._http_router:
+            del scope["router"]
+        await self._app(scope, receive, send)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self._forwarder is not None
+        if scope["type"] != "http":
+            return
+        # Client keys guard the forward too, or any client could spend the
+        # operator's upstream key without one.
+        try:
+            self._authenticate(Headers(scope=scope))
+        except GatewayError as refused:
+            await _error_response(refused)(scope, receive, send)
+            return
+        await self._forwarder(scope, receive, send)
+
+    @asynccontextmanager
+    async def _lifespan(self, app: object) -> AsyncIterator[None]:
+        """Standalone: the Router runs this around the server's lifespan."""
+        try:
+            yield
+        finally:
+            await self.runtime.aclose()
+
+    async def _host_lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Mounted: the host's lifespan runs as it is (its startup, shutdown and state)."""
+
+        async def send_to_server(message: Message) -> None:
+            # Closed before the server hears of it: it may stop the event loop right after.
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self.runtime.aclose()
-            return
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.runtime.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+            await send(message)
+
+        assert self._app is not None
+        await self._app(scope, receive, send_to_server)
 
 
-class FluxProxyMiddleware(FluxProxy):
+class FluxProxyMiddleware:
     """Mount flux-proxy in an existing ASGI app.
 
     ``app.add_middleware(FluxProxyMiddleware, config=...)``: image requests under
     the API prefix are answered here; everything else reaches ``app``.
+
+    Starlette builds its middlewares on the first ASGI call, the server's lifespan
+    startup. A config error raised there would read to the server as "no lifespan
+    support": it would start and answer every request, the host's too, with a 500.
+    So the error is held and fails that startup with its message instead.
     """
 
     def __init__(self, app: ASGIApp, config: ConfigInput = None, **options: Any) -> None:
-        super().__init__(config, app=app, **options)
+        self.gateway: FluxProxy | None = None
+        self._failure: Exception | None = None
+        try:
+            self.gateway = FluxProxy(config, app=app, **options)
+        except (ConfigError, OSError) as error:  # OSError: e.g. store.directory cannot be made
+            self._failure = error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.gateway is not None:
+            await self.gateway(scope, receive, send)
+            return
+        assert self._failure is not None
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": _why(self._failure)})
+        # Raised too: lifespan managers that ignore startup.failed still see it, and a
+        # server that runs no lifespan logs it with every request.
+        raise self._failure
+
+
+def _why(failure: Exception) -> str:
+    """The start-up failure as ``flux-proxy serve`` words it."""
+    if isinstance(failure, ConfigError):
+        return f"flux-proxy: {failure}"
+    return f"flux-proxy: cannot start: {failure}"
 
 
 def _as_settings(config: ConfigInput, environ: Mapping[str, str] | None) -> Settings:
@@ -343,12 +349,6 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def _path_in_app(scope: Scope) -> str:
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
-
-
 def _validate(payload: dict[str, Any]) -> ImageRequest:
     try:
         return ImageRequest.model_validate(payload)
@@ -370,3 +370,74 @@ def _error_response(error: GatewayError) -> Response:
         media_type="application/json",
         headers=error.headers,
     )
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http":
+        error = NotFound(f"No route for {scope.get('path', '')}.", code="unknown_url")
+        await _error_response(error)(scope, receive, send)
+
+
+class _GatewayRoute(Route):
+    """A Starlette ``Route`` to one handler, answering a wrong method in OpenAI's error shape.
+
+    Starlette's own 405 is plain text, or, inside a Starlette app, an HTTPException
+    that only the host's exception layer (inside this middleware) could render.
+    ``GET`` routes answer ``HEAD`` too (Starlette adds it).
+    """
+
+    def __init__(self, path: str, handler: Handler, methods: list[str]) -> None:
+        super().__init__(path, _Endpoint(handler), methods=methods)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        allowed = self.methods or set()
+        if scope["method"] in allowed:
+            await self.app(scope, receive, send)
+            return
+        error = MethodNotAllowed(
+            f"{scope['method']} is not allowed on {scope['path']}.",
+            headers={"Allow": ", ".join(sorted(allowed))},
+        )
+        await _error_response(error)(scope, receive, send)
+
+
+class _Endpoint:
+    """A handler as an ASGI app: its errors become OpenAI error bodies, its outcome is
+    logged, and ``HEAD`` gets the headers ``GET`` would, without the body."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response = await self._respond(request)
+        if response is None:  # the client went away and its work was cancelled
+            return
+        await response(scope, receive, _headers_only(send) if request.method == "HEAD" else send)
+
+    async def _respond(self, request: Request) -> Response | None:
+        started = time.perf_counter()
+        try:
+            response: Response | None = await self._handler(request)
+        except GatewayError as error:
+            response = _error_response(error)
+        except Exception:
+            logger.exception("unexpected failure on %s %s", request.method, request.url.path)
+            response = _error_response(InternalError("The gateway failed unexpectedly."))
+        logger.info(
+            "%s %s -> %s in %.0f ms",
+            request.method,
+            request.url.path,
+            response.status_code if response is not None else "client gone",
+            (time.perf_counter() - started) * 1000,
+        )
+        return response
+
+
+def _headers_only(send: Send) -> Send:
+    async def send_without_body(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_without_body

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,14 +13,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import uvicorn
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from flux_proxy import FluxProxy, FluxProxyMiddleware
 from flux_proxy.config import ConfigError
+from tests.asgi import asgi_client
 from tests.images import assert_image
 from tests.openapi import assert_matches
 from tests.servers import serve
@@ -32,7 +37,9 @@ class HostApp:
         self.events: list[str] = []
         self.seen: list[str] = []
 
-    def build(self, routes: list[Any] | None = None) -> Starlette:
+    def build(
+        self, routes: list[Any] | None = None, middleware: list[Middleware] | None = None
+    ) -> Starlette:
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
             self.events.append("startup")
@@ -43,8 +50,12 @@ class HostApp:
             Route("/health", self.health),
             Route("/v1/other", self.echo, methods=["GET", "POST", "PUT"]),
             Route("/v1/images/edits", self.edits, methods=["POST"]),
+            Route("/links", self.links),
+            Route("/v1/models/", self.edits),
         ]
-        return Starlette(routes=own_routes + (routes or []), lifespan=lifespan)
+        return Starlette(
+            routes=own_routes + (routes or []), lifespan=lifespan, middleware=middleware
+        )
 
     async def health(self, request: Request) -> Response:
         self.seen.append(request.url.path)
@@ -70,6 +81,9 @@ class HostApp:
         self.seen.append(request.url.path)
         return JSONResponse({"handled_by": "host"})
 
+    async def links(self, request: Request) -> Response:
+        return PlainTextResponse(str(request.url_for("health")))
+
 
 @pytest.fixture
 def host() -> HostApp:
@@ -84,14 +98,6 @@ def with_gateway(host: HostApp, config: dict[str, Any] | None = None) -> Starlet
         environ={},
     )
     return app
-
-
-@asynccontextmanager
-async def asgi_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client
 
 
 # --- middleware mode, in process --------------------------------------------------------
@@ -176,12 +182,50 @@ async def test_other_requests_reach_the_host_untouched(host):
     assert host.seen == ["/v1/other", "/v1/images/edits"]
 
 
-def test_bad_mounted_config_is_a_config_error(host):
-    app = host.build()
-    app.add_middleware(FluxProxyMiddleware, config={"limits": {"max_m": 2}}, environ={})
-    # Starlette builds its middleware stack on the first call; that is where it fails.
-    with pytest.raises(ConfigError, match=r"limits\.max_m"):
-        app.build_middleware_stack()
+@pytest.mark.anyio
+async def test_host_routing_helpers_still_see_the_host_router(host):
+    async with asgi_client(with_gateway(host)) as client:
+        link = await client.get("/links")
+        # Not the gateway's "/v1/models": the host's own route, never redirected.
+        slash = await client.get("/v1/models/")
+    assert link.status_code == 200, link.text
+    assert link.text == "http://testserver/health"
+    assert slash.json() == {"handled_by": "host"}
+
+
+BAD_CONFIG = Middleware(FluxProxyMiddleware, config={"limits": {"max_m": 2}}, environ={})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("config", "failure", "message"),
+    [
+        ({"limits": {"max_m": 2}}, ConfigError, r"limits\.max_m"),
+        ({"middlewares": ["nope"]}, ConfigError, r"middlewares.*nope"),
+        ({"store": {"backend": "directory", "directory": "/dev/null/x"}}, OSError, "/dev/null"),
+    ],
+)
+async def test_a_bad_mounted_config_fails_the_host_startup(host, config, failure, message):
+    app = host.build(middleware=[Middleware(FluxProxyMiddleware, config=config, environ={})])
+    with pytest.raises(failure, match=message):
+        async with LifespanManager(app):
+            pass
+    assert host.events == []  # the host's own startup never ran
+
+
+@pytest.mark.anyio
+async def test_a_bad_mounted_config_stops_uvicorn_with_the_message(host, caplog):
+    server = uvicorn.Server(uvicorn.Config(host.build(middleware=[BAD_CONFIG]), log_config=None))
+    with socket.socket() as sock, caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        sock.bind(("127.0.0.1", 0))
+        with pytest.raises(SystemExit) as exited:
+            await server.serve(sockets=[sock])
+    assert exited.value.code == 3  # uvicorn's "startup failed"
+    assert not server.started
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(m.startswith("flux-proxy: ") and "limits.max_m" in m for m in errors), errors
+    assert not any("Traceback" in m for m in errors)
+    assert host.events == []
 
 
 # --- middleware mode under uvicorn, with the openai SDK ---------------------------------
