@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.routing import Router as HTTPRouter
@@ -421,6 +421,14 @@ class _Endpoint:
             response: Response | None = await self._handler(request)
         except GatewayError as error:
             response = _error_response(error)
+        except ClientDisconnect:
+            # No failure of the gateway's, and nobody left to answer.
+            logger.info(
+                "%s %s: client disconnected while sending its body",
+                request.method,
+                request.url.path,
+            )
+            return None
         except Exception:
             logger.exception("unexpected failure on %s %s", request.method, request.url.path)
             response = _error_response(InternalError("The gateway failed unexpectedly."))

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote, urlsplit
 
 import httpx
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from flux_proxy.config import ForwardSettings
@@ -44,10 +45,6 @@ HOP_BY_HOP = frozenset(
 )
 
 RawHeaders = list[tuple[bytes, bytes]]
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request body was being forwarded."""
 
 
 class Forwarder:
@@ -91,7 +88,7 @@ class Forwarder:
             # jar (build_request would): forwarded requests carry only the client's
             # own headers, and cookies one client's upstream set never reach another.
             response = await self._http().send(request, stream=True, follow_redirects=False)
-        except ClientGone:
+        except ClientDisconnect:
             logger.info("%s %s: client disconnected while sending its body", method, path)
             return
         except httpx.TimeoutException:
@@ -244,7 +241,7 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone
+            raise ClientDisconnect
         chunk: bytes = message.get("body", b"")
         if chunk:
             yield chunk

@@ -6,6 +6,9 @@ passes on whatever body the app sends, so a HEAD answer here shows the app's own
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import httpx
 import pytest
 
@@ -95,3 +98,53 @@ async def test_the_api_prefix_is_configurable():
     assert listed.status_code == 200
     assert [entry["id"] for entry in listed.json()["data"]] == ["flux1.1-pro", "flux-pro-1.1"]
     assert assert_openai_error(elsewhere, 404)["code"] == "unknown_url"
+
+
+def never_called(request: httpx.Request) -> httpx.Response:
+    raise AssertionError("the upstream must not get a half-sent body")
+
+
+@pytest.mark.parametrize(
+    ("path", "config"),
+    [
+        ("/v1/images/generations", {}),
+        ("/v1/chat/completions", {"forward": {"base_url": "http://upstream.test"}}),
+    ],
+)
+async def test_a_client_leaving_mid_body_is_an_info_log_not_a_500(caplog, path, config):
+    """The server tells the app by an http.disconnect where the next body chunk would be."""
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"prompt": "a f', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gateway.test"), (b"content-length", b"1000")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8080),
+    }
+    gateway = FluxProxy(config, environ={}, transport=httpx.MockTransport(never_called))
+    with caplog.at_level(logging.INFO, logger="flux_proxy"):
+        await gateway(scope, receive, send)
+    assert sent == []  # nobody is left to answer
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("disconnected while sending its body" in r.getMessage() for r in caplog.records)
+    assert not any("500" in r.getMessage() for r in caplog.records)
