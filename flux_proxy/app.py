@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.routing import Router as HTTPRouter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flux_proxy.composition import build_stack
 from flux_proxy.config import ConfigError, Settings, describe_validation_error, load_settings
 from flux_proxy.disconnect import unless_disconnected
 from flux_proxy.errors import (
@@ -40,7 +41,6 @@ from flux_proxy.errors import (
 )
 from flux_proxy.forward import Forwarder
 from flux_proxy.generation import Generator, render_json, render_stream
-from flux_proxy.pipeline import build_stack, call_provider
 from flux_proxy.plugins import load_registry
 from flux_proxy.routing import Router
 from flux_proxy.runtime import Runtime
@@ -70,14 +70,8 @@ class FluxProxy:
         self.runtime = Runtime(settings, environ, transport)
         providers = {name: factory(self.runtime) for name, factory in registry.providers.items()}
         self.router = Router(settings, providers)
-        unknown = [name for name in settings.middlewares if name not in registry.middlewares]
-        if unknown:
-            raise ConfigError(
-                f"middlewares: unknown middleware {unknown[0]!r} "
-                f"(installed: {', '.join(sorted(registry.middlewares))})"
-            )
-        stack = [registry.middlewares[name](self.runtime) for name in settings.middlewares]
-        self._generator = Generator(settings, stack, build_stack(stack, call_provider))
+        stack = build_stack(settings.middlewares, registry.middlewares, self.runtime)
+        self._generator = Generator(settings, stack)
         self._app = app
         self._prefix = settings.server.api_prefix
         self._client_keys = [

@@ -41,7 +41,7 @@ from pydantic_settings import (
 ENV_PREFIX = "FLUX_PROXY_"
 NESTED_DELIMITER = "__"
 
-DEFAULT_MIDDLEWARES = ["response_format", "output_format", "size", "fanout", "passthrough"]
+DEFAULT_MIDDLEWARES = ("response_format", "output_format", "size", "fanout", "passthrough")
 
 
 class ConfigError(Exception):
@@ -141,6 +141,14 @@ class DefaultSettings(_Section):
     response_format: Literal["url", "b64_json"] = "url"
 
 
+class MiddlewareEntry(_Section):
+    """One layer of the image stack with options (``{name, options}``); a bare name
+    in the list is the same with no options."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class ProviderConfig(_Section):
     """One provider that can serve a public model."""
 
@@ -189,6 +197,10 @@ def _default_models() -> dict[str, ModelConfig]:
     }
 
 
+def _default_middlewares() -> list[str | MiddlewareEntry]:
+    return list(DEFAULT_MIDDLEWARES)
+
+
 class Settings(BaseSettings):
     # Declares how pydantic-settings reads FLUX_PROXY_SECTION__KEY variables (see
     # EnvironmentSource); blank variables count as unset, as an empty FLUX_PROXY_CONFIG does.
@@ -207,7 +219,7 @@ class Settings(BaseSettings):
     forward: ForwardSettings = Field(default_factory=ForwardSettings)
     defaults: DefaultSettings = Field(default_factory=DefaultSettings)
     # The image middleware stack, outermost first; names registered by plugins.
-    middlewares: list[str] = Field(default_factory=lambda: list(DEFAULT_MIDDLEWARES))
+    middlewares: list[str | MiddlewareEntry] = Field(default_factory=_default_middlewares)
     models: dict[str, ModelConfig] = Field(default_factory=_default_models)
 
     @classmethod

@@ -12,7 +12,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 
 from flux_proxy.config import Settings
 from flux_proxy.errors import GatewayError, InternalError, UpstreamTimeout
-from flux_proxy.pipeline import CallNext, ImageMiddleware, run_checks
+from flux_proxy.pipeline import Stack
 from flux_proxy.routing import ModelRoute, ProviderRoute
 from flux_proxy.schema import (
     GeneratedImage,
@@ -42,16 +42,13 @@ SPEC_OUTPUT_FORMATS = frozenset({"png", "webp", "jpeg"})
 
 
 class Generator:
-    def __init__(
-        self, settings: Settings, middlewares: Sequence[ImageMiddleware], stack: CallNext
-    ) -> None:
+    def __init__(self, settings: Settings, stack: Stack) -> None:
         self._settings = settings
-        self._middlewares = middlewares
         self._stack = stack
 
     def check(self, request: ImageRequest, model: ModelRoute, public_url: str) -> None:
         """Reject bad input before a streaming response commits to 200."""
-        run_checks(self._middlewares, self._job(request, model.targets[0], public_url))
+        self._stack.check(self._job(request, model.targets[0], public_url))
 
     async def generate(
         self,

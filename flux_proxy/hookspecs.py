@@ -17,14 +17,14 @@ import pluggy
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
-    from flux_proxy.pipeline import MiddlewareFactory
+    from flux_proxy.pipeline import LayerClass
     from flux_proxy.providers.base import ProviderFactory
 
 hookspec = pluggy.HookspecMarker("flux_proxy")
 hookimpl = pluggy.HookimplMarker("flux_proxy")
 
 RegisterProvider = Callable[[str, "ProviderFactory"], None]
-RegisterMiddleware = Callable[[str, "MiddlewareFactory"], None]
+RegisterMiddleware = Callable[[str, "LayerClass"], None]
 EmulatorFactory = Callable[[], "ASGIApp"]
 RegisterEmulator = Callable[[str, EmulatorFactory], None]
 
@@ -39,10 +39,11 @@ def register_providers(register: RegisterProvider) -> None:
 
 @hookspec
 def register_middlewares(register: RegisterMiddleware) -> None:
-    """Call ``register(name, factory)`` for each image middleware the plugin offers.
+    """Call ``register(name, cls)`` for each image layer the plugin offers.
 
-    ``factory(runtime)`` returns an ``ImageMiddleware``; settings' ``middlewares``
-    list names which run, in which order.
+    ``cls`` subclasses ``pipeline.Layer``: it declares its options model, its
+    effects and the parameters it honours, and is built as ``cls(runtime, options)``
+    when settings' ``middlewares`` list names it (which run, in which order).
     """
 
 

@@ -9,7 +9,7 @@ import pluggy
 
 from flux_proxy import hookspecs
 from flux_proxy.hookspecs import EmulatorFactory
-from flux_proxy.pipeline import MiddlewareFactory
+from flux_proxy.pipeline import LayerClass
 from flux_proxy.providers.base import ProviderFactory
 
 ENTRY_POINT_GROUP = "flux_proxy"
@@ -24,7 +24,7 @@ BUILTIN_PLUGINS = (
 @dataclass
 class Registry:
     providers: dict[str, ProviderFactory] = field(default_factory=dict)
-    middlewares: dict[str, MiddlewareFactory] = field(default_factory=dict)
+    middlewares: dict[str, LayerClass] = field(default_factory=dict)
     emulators: dict[str, EmulatorFactory] = field(default_factory=dict)
 
 

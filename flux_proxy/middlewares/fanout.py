@@ -5,15 +5,19 @@ from __future__ import annotations
 from dataclasses import replace
 
 import anyio
+from pydantic import BaseModel
 
 from flux_proxy.errors import GatewayError, InvalidRequest
-from flux_proxy.pipeline import CallNext
+from flux_proxy.pipeline import CallNext, Layer
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import ImageJob, ImageResult
 
 
-class FanOutMiddleware:
-    def __init__(self, runtime: Runtime) -> None:
+class FanOutMiddleware(Layer):
+    effects = frozenset({"splits_calls"})
+    honours = frozenset({"n"})
+
+    def __init__(self, runtime: Runtime, options: BaseModel) -> None:
         self._max_n = runtime.settings.limits.max_n
         self._concurrency = runtime.settings.limits.fanout_concurrency
 
@@ -25,7 +29,6 @@ class FanOutMiddleware:
             )
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
-        self.check(job)
         n = job.request.n
         per_call = job.route.capabilities.max_images_per_call
         sent = job.request.model_fields_set
@@ -64,6 +67,8 @@ class FanOutMiddleware:
             images=[image for result in done for image in result.images],
             provider=done[0].provider,
             report=job.report,
+            # Set by a format layer inside this one: every call made the same format.
+            output_format=done[0].output_format,
         )
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
 from flux_proxy.capabilities import LOSSY_FORMATS, Capabilities
 from flux_proxy.imaging import MEDIA_TYPES, decode, encode
-from flux_proxy.pipeline import CallNext
+from flux_proxy.pipeline import CallNext, Layer
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, ImageJob, ImageResult
 
@@ -41,16 +42,30 @@ def plan_format(target: str, compression: int | None, capabilities: Capabilities
     return FormatPlan(target, compression, native, None, reencode=custom_quality)
 
 
-class OutputFormatMiddleware:
-    def __init__(self, runtime: Runtime) -> None:
+class OutputFormatOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Quality (OpenAI's output_compression scale, 100 = best) for lossy formats when
+    # the client sends no output_compression; unset: the encoder's or provider's own.
+    quality: int | None = Field(None, ge=0, le=100)
+
+
+class OutputFormatMiddleware(Layer):
+    options_model = OutputFormatOptions
+    effects = frozenset({"encodes"})
+    honours = frozenset({"output_format", "output_compression"})
+
+    def __init__(self, runtime: Runtime, options: OutputFormatOptions) -> None:
         self._runtime = runtime
         self._default = runtime.settings.defaults.output_format
+        self._quality = options.quality
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
         request = job.request
+        compression = request.output_compression
         plan = plan_format(
             request.target_format or self._default,
-            request.output_compression,
+            self._quality if compression is None else compression,
             job.route.capabilities,
         )
         self._report(job, plan)

@@ -11,14 +11,13 @@ from dataclasses import replace
 from typing import Any
 
 from flux_proxy.fields import convert, describe
-from flux_proxy.pipeline import CallNext
-from flux_proxy.runtime import Runtime
+from flux_proxy.pipeline import CallNext, Layer
 from flux_proxy.schema import ImageJob, ImageResult
 
 
-class PassthroughMiddleware:
-    def __init__(self, runtime: Runtime) -> None:
-        del runtime  # nothing to configure; the signature is every middleware's
+class PassthroughMiddleware(Layer):
+    effects = frozenset({"shapes_body"})
+    forwards_unknown_fields = True
 
     def check(self, job: ImageJob) -> None:
         rules = job.route.capabilities.fields

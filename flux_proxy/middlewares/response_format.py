@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE, encode
-from flux_proxy.pipeline import CallNext
+from flux_proxy.pipeline import CallNext, Layer
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, ImageJob, ImageResult
 
 
-class ResponseFormatMiddleware:
-    def __init__(self, runtime: Runtime) -> None:
+class ResponseFormatMiddleware(Layer):
+    effects = frozenset({"delivers"})
+    honours = frozenset({"response_format"})
+
+    def __init__(self, runtime: Runtime, options: BaseModel) -> None:
         self._runtime = runtime
         self._default = runtime.settings.defaults.response_format
         self._keep_upstream_urls = runtime.settings.store.return_upstream_urls

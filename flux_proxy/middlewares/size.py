@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from PIL import Image
+from pydantic import BaseModel
 
 from flux_proxy.errors import InvalidRequest
 from flux_proxy.imaging import decode, fit
-from flux_proxy.pipeline import CallNext
+from flux_proxy.pipeline import CallNext, Layer
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, Handling, ImageJob, ImageResult
 from flux_proxy.sizes import SizeLimits, TargetSize, native_size, resolve_target
@@ -16,8 +17,11 @@ from flux_proxy.sizes import SizeLimits, TargetSize, native_size, resolve_target
 PIXEL_FIELDS = ("width", "height")
 
 
-class SizeMiddleware:
-    def __init__(self, runtime: Runtime) -> None:
+class SizeMiddleware(Layer):
+    effects = frozenset({"changes_pixels", "consumes_fields"})
+    honours = frozenset({"size", "aspect_ratio", "resolution", *PIXEL_FIELDS})
+
+    def __init__(self, runtime: Runtime, options: BaseModel) -> None:
         limits = runtime.settings.limits
         self._limits = SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels)
         self._runtime = runtime

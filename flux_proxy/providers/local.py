@@ -43,7 +43,9 @@ class LocalRenderer:
         return DESCRIPTION
 
     async def generate(self, job: ImageJob) -> list[GeneratedImage]:
-        width, height = job.width or 1024, job.height or 1024
+        # No size layer in the stack: the model's declared default size.
+        default_width, default_height = job.route.capabilities.default_size
+        width, height = job.width or default_width, job.height or default_height
         fmt = job.output_format or "png"
         first_seed = job.seed if job.seed is not None else secrets.randbelow(2**31)
         job.report.record("prompt", "passthrough", "drawn into the picture's pattern")
