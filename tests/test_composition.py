@@ -99,10 +99,10 @@ async def test_every_stack_works_or_is_refused_at_start_up(stack: tuple[str, ...
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw.test") as http:
         for response_format in ("url", "b64_json"):
-            refused = await _send_until_answered(
+            dropped = await _send_until_answered(
                 http, {**PROBE, "response_format": response_format}, missing
             )
-            assert refused == missing, (response_format, refused)
+            assert dropped == missing, (response_format, dropped)
 
 
 async def _send_until_answered(

@@ -460,9 +460,9 @@ def test_capability_override_with_a_bad_value_is_named():
 
 def test_unknown_middleware_is_named():
     with pytest.raises(ConfigError) as caught:
-        FluxProxy({"middlewares": ["size", "watermark"]}, environ={})
+        FluxProxy({"middlewares": ["response_format", "size", "sepia"]}, environ={})
     message = str(caught.value)
-    assert "middlewares" in message and "'watermark'" in message
+    assert "middlewares[2]" in message and "'sepia'" in message and "installed:" in message
 
 
 def test_alias_used_twice_is_named():
