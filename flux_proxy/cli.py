@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from flux_proxy.config import ConfigError, load_settings
+from flux_proxy.logs import install_url_filter
 
 
 def _port(text: str) -> int:
@@ -80,6 +81,7 @@ def emulate(args: argparse.Namespace) -> int:
         installed = ", ".join(sorted(emulators)) or "none installed"
         print(f"flux-proxy: no emulator named {args.name!r} ({installed})", file=sys.stderr)
         return 2
+    install_url_filter()  # the emulators hand out signed result links too
     uvicorn.run(factory(), host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -90,6 +92,7 @@ def serve(args: argparse.Namespace) -> int:
     from flux_proxy.app import FluxProxy
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    install_url_filter()
     try:
         settings = load_settings(args.config)
         app = FluxProxy(settings)

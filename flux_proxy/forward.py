@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 from starlette.requests import ClientDisconnect
@@ -27,6 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 from flux_proxy.config import ForwardSettings
 from flux_proxy.disconnect import unless_disconnected
 from flux_proxy.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
+from flux_proxy.logs import log_url
 
 logger = logging.getLogger("flux_proxy")
 
@@ -63,11 +64,8 @@ class Forwarder:
             raise ValueError("Forwarder needs forward.base_url")
         self._http = http
         self._base_url = settings.base_url.rstrip("/")
-        parts = urlsplit(self._base_url)
-        # For log lines: never the userinfo a base_url might carry.
-        self._origin = f"{parts.scheme}://{parts.hostname}" + (
-            f":{parts.port}" if parts.port else ""
-        )
+        # For log lines: never the userinfo or query a base_url might carry.
+        self._origin = log_url(self._base_url)
         self._api_key = api_key or None
         self._forward_authorization = forward_authorization
         if settings.api_key_env and self._api_key is None:

@@ -258,6 +258,10 @@ def test_serve_without_config_generates_a_real_png(spawn):
     assert_image(download.content, "png", (1024, 1024))
 
     assert_graceful_exit(server)
+    # The access log names the link it served, never its signature.
+    signature = httpx.URL(url).params["signature"]
+    assert f"GET {httpx.URL(url).path} HTTP/1.1" in server.output()
+    assert signature not in server.output()
 
 
 def test_server_port_from_the_config_file_is_used(spawn, tmp_path):
