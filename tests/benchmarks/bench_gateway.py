@@ -119,6 +119,14 @@ class Plan:
     concurrency: int
     seconds: float  # time cap per scenario (measurement)
     warmup_seconds: float
+    # Warm-up requests per scenario; None: twice the concurrency, at least a tenth of
+    # the measured requests, at most 200.
+    warmup_requests: int | None = None
+
+    def warmup(self, scenario: Scenario) -> int:
+        if self.warmup_requests is not None:
+            return self.warmup_requests
+        return min(max(2 * scenario.concurrency, scenario.requests // 10), 200)
 
     def scenarios(self) -> list[Scenario]:
         b64 = max(1, self.requests // 4)
@@ -327,8 +335,7 @@ async def measure(scenario: Scenario, base_url: str, plan: Plan, reference: byte
     async with httpx.AsyncClient(limits=limits, timeout=60.0) as client:
         first = await client.post(url, content=body, headers={"content-type": "application/json"})
         await check_answer(client, scenario, first, reference)
-        warmup = min(max(2 * scenario.concurrency, scenario.requests // 10), 200)
-        await closed_loop(client, url, body, scenario, warmup, plan.warmup_seconds)
+        await closed_loop(client, url, body, scenario, plan.warmup(scenario), plan.warmup_seconds)
         return await closed_loop(client, url, body, scenario, scenario.requests, plan.seconds)
 
 
@@ -414,11 +421,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--concurrency", type=int, default=16, help="the high concurrency level (default 16)"
     )
     parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warm-up requests per scenario, not measured (default: twice the concurrency, "
+        "at least a tenth of --requests, at most 200)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="short time caps and counts (CI smoke run)"
     )
     args = parser.parse_args(argv)
     if args.requests is not None and args.requests < 1:
         parser.error("--requests must be at least 1")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error("--warmup must be at least 0")
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     return args
@@ -431,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrency=args.concurrency,
         seconds=0.8 if args.quick else 4.0,
         warmup_seconds=0.2 if args.quick else 0.5,
+        warmup_requests=args.warmup,
     )
     scenarios = plan.scenarios()
     # Bounded: every scenario's time caps, plus the start-up, plus slack.
