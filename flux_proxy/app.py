@@ -291,11 +291,23 @@ class FluxProxyMiddleware:
     So the error is held and fails that startup with its message instead.
     """
 
-    def __init__(self, app: ASGIApp, config: ConfigInput = None, **options: Any) -> None:
+    # The options are spelled out, not ``**options: Any``: with a catch-all, mypy cannot
+    # match the class to Starlette's ``Middleware(cls, ...)`` / ``add_middleware`` types.
+    def __init__(
+        self,
+        app: ASGIApp,
+        config: ConfigInput = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        plugins: Iterable[object] = (),
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.gateway: FluxProxy | None = None
         self._failure: Exception | None = None
         try:
-            self.gateway = FluxProxy(config, app=app, **options)
+            self.gateway = FluxProxy(
+                config, app=app, environ=environ, plugins=plugins, transport=transport
+            )
         except (ConfigError, OSError) as error:  # OSError: e.g. store.directory cannot be made
             self._failure = error
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+from openai.types import Image as SdkImage
+from openai.types import ImagesResponse
 from PIL import Image
 
 PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WEBP", "avif": "AVIF"}
@@ -28,3 +30,9 @@ def make_image(
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, PILLOW_FORMATS[fmt])
     return buffer.getvalue()
+
+
+def data_of(response: ImagesResponse) -> list[SdkImage]:
+    """The images of an SDK response; a response without ``data`` fails the test."""
+    assert response.data is not None, f"no data in {response!r}"
+    return response.data

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.images import assert_image
+from tests.images import assert_image, data_of
 
 SCRIPT = Path(sys.executable).with_name("flux-proxy")
 START_TIMEOUT = 15.0
@@ -249,8 +249,8 @@ def test_serve_without_config_generates_a_real_png(spawn):
 
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0, timeout=30)
     result = client.images.generate(model="flux1.1-pro", prompt="a harbour", size="1024x1024")
-    assert len(result.data) == 1
-    url = result.data[0].url
+    assert len(data_of(result)) == 1
+    url = data_of(result)[0].url
     assert url is not None and url.startswith(f"{base_url}/v1/images/files/")
     download = httpx.get(url, timeout=10)
     assert download.status_code == 200

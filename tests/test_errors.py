@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -11,8 +13,8 @@ from tests.openapi import assert_openai_error
 
 
 @pytest.fixture
-def post(gateway: str):
-    def send(body: object, **kwargs) -> httpx.Response:
+def post(gateway: str) -> Callable[..., httpx.Response]:
+    def send(body: object, **kwargs: Any) -> httpx.Response:
         if isinstance(body, bytes | str):
             return httpx.post(f"{gateway}/v1/images/generations", content=body, **kwargs)
         return httpx.post(f"{gateway}/v1/images/generations", json=body, **kwargs)
@@ -74,7 +76,7 @@ def test_body_too_large_is_413(start_gateway):
 def test_body_too_large_without_content_length_is_413(start_gateway):
     gateway = start_gateway({"limits": {"max_body_bytes": 4096}})
 
-    def chunks():
+    def chunks() -> Iterator[bytes]:
         yield b'{"model": "flux1.1-pro", "prompt": "'
         for _ in range(10):
             yield b"x" * 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import anyio
 import httpx
@@ -19,7 +20,7 @@ from tests.upstream_openai import RecordingUpstream
 from tests.waiting import wait_for
 
 
-def failover_config(url: str) -> dict:
+def failover_config(url: str) -> dict[str, Any]:
     return {
         "models": {
             "flux1.1-pro": {

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.images import assert_image, decode
+from tests.images import assert_image, data_of, decode
 from tests.openapi import assert_openai_error
 from tests.servers import serve
 from tests.upstream_openai import RecordingUpstream
 
 
-def test_n_images_differ_and_follow_seed_plus_i(client: openai.OpenAI):
+def test_n_images_differ_and_follow_seed_plus_i(client: openai.OpenAI) -> None:
     def render(seed: int, n: int) -> list[bytes]:
         result = client.images.generate(
             model="flux1.1-pro",
@@ -25,7 +26,7 @@ def test_n_images_differ_and_follow_seed_plus_i(client: openai.OpenAI):
             response_format="b64_json",
             extra_body={"seed": seed},
         )
-        images = [base64.b64decode(item.b64_json or "") for item in result.data]
+        images = [base64.b64decode(item.b64_json or "") for item in data_of(result)]
         for data in images:
             assert_image(data, "png", (128, 96))
         return [decode(data).tobytes() for data in images]
@@ -36,7 +37,7 @@ def test_n_images_differ_and_follow_seed_plus_i(client: openai.OpenAI):
     assert [render(seed=10 + i, n=1)[0] for i in range(4)] == four
 
 
-def upstream_config(url: str, per_call: int) -> dict:
+def upstream_config(url: str, per_call: int) -> dict[str, Any]:
     return {
         "limits": {"fanout_concurrency": 2},
         "models": {

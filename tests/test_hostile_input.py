@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import zlib
+from typing import Any
 
 import httpx
 import pytest
@@ -23,7 +24,7 @@ from tests.openapi import assert_openai_error
 pytestmark = pytest.mark.anyio
 
 
-async def post(app: FluxProxy, body: object, **kwargs) -> httpx.Response:
+async def post(app: FluxProxy, body: object, **kwargs: Any) -> httpx.Response:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client:
         if isinstance(body, bytes):

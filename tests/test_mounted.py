@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from flux_proxy import FluxProxy, FluxProxyMiddleware
 from flux_proxy.config import ConfigError
 from tests.asgi import asgi_client
-from tests.images import assert_image
+from tests.images import assert_image, data_of
 from tests.openapi import assert_matches
 from tests.servers import serve
 from tests.upstream_openai import RecordingUpstream
@@ -236,7 +236,7 @@ def test_mounted_gateway_under_uvicorn_with_the_sdk(host):
         assert host.events == ["startup"]
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0, timeout=30)
         result = client.images.generate(model="flux1.1-pro", prompt="a fox", size="1024x1024")
-        url = result.data[0].url
+        url = data_of(result)[0].url
         assert url is not None and url.startswith(f"{base_url}/v1/images/files/")
         download = httpx.get(url)
         assert download.status_code == 200
@@ -245,7 +245,7 @@ def test_mounted_gateway_under_uvicorn_with_the_sdk(host):
         b64 = client.images.generate(
             model="flux-pro-1.1", prompt="a fox", size="300x200", response_format="b64_json"
         )
-        assert_image(base64.b64decode(b64.data[0].b64_json or ""), "png", (300, 200))
+        assert_image(base64.b64decode(data_of(b64)[0].b64_json or ""), "png", (300, 200))
 
         assert httpx.get(f"{base_url}/health").text == "hello from the host"
         other = httpx.put(f"{base_url}/v1/other", content=b"payload")
@@ -270,7 +270,7 @@ def test_sdk_through_a_mount_prefix(mounted, host):
     result = client.images.generate(
         model="flux1.1-pro", prompt="a fox", size="640x360", response_format="b64_json"
     )
-    assert_image(base64.b64decode(result.data[0].b64_json or ""), "png", (640, 360))
+    assert_image(base64.b64decode(data_of(result)[0].b64_json or ""), "png", (640, 360))
     # The gateway answers only under its mount; the host keeps the rest.
     assert httpx.post(f"{mounted}/v1/images/generations", json={"prompt": "x"}).status_code == 404
     assert httpx.get(f"{mounted}/health").text == "hello from the host"
@@ -280,7 +280,7 @@ def test_sdk_through_a_mount_prefix(mounted, host):
 def test_image_url_through_a_mount_includes_the_prefix(mounted):
     client = openai.OpenAI(base_url=f"{mounted}/gateway/v1", api_key="x", max_retries=0, timeout=30)
     result = client.images.generate(model="flux1.1-pro", prompt="a fox", size="1024x1024")
-    url = result.data[0].url
+    url = data_of(result)[0].url
     assert url is not None
     assert url.startswith(f"{mounted}/gateway/v1/images/files/"), url
     download = httpx.get(url)

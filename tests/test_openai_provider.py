@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.images import assert_image
+from tests.images import assert_image, data_of
 from tests.openapi import assert_openai_error
 from tests.servers import serve
 from tests.upstream_openai import RecordingUpstream
@@ -25,7 +26,7 @@ def recorder():
         yield upstream
 
 
-def config(url: str, **model) -> dict:
+def config(url: str, **model: Any) -> dict[str, Any]:
     entry = {
         "provider": "openai",
         "upstream_model": "flux-upstream",
@@ -37,7 +38,7 @@ def config(url: str, **model) -> dict:
     return {"models": {"flux1.1-pro": entry}}
 
 
-def post(gateway: str, **body) -> httpx.Response:
+def post(gateway: str, **body: Any) -> httpx.Response:
     return httpx.post(
         f"{gateway}/v1/images/generations",
         json={"model": "flux1.1-pro", "prompt": "a kestrel", **body},
@@ -157,7 +158,7 @@ def test_another_flux_proxy_as_the_upstream(start_gateway):
     result = client.images.generate(
         model="chained", prompt="x", size="300x200", n=2, output_format="gif"
     )
-    for item in result.data:
+    for item in data_of(result):
         assert_image(httpx.get(item.url or "").content, "gif", (300, 200))
 
 

@@ -8,14 +8,14 @@ import json
 import httpx
 import openai
 
-from tests.images import assert_image, decode
+from tests.images import assert_image, data_of, decode
 from tests.openapi import assert_matches
 
 
-def test_url_response_downloads_as_png_of_the_asked_size(client: openai.OpenAI):
+def test_url_response_downloads_as_png_of_the_asked_size(client: openai.OpenAI) -> None:
     result = client.images.generate(model="flux1.1-pro", prompt="a lighthouse", size="1024x1024")
-    assert len(result.data) == 1
-    url = result.data[0].url
+    assert len(data_of(result)) == 1
+    url = data_of(result)[0].url
     assert url is not None and "/v1/images/files/" in url
     download = httpx.get(url)
     assert download.status_code == 200
@@ -23,15 +23,15 @@ def test_url_response_downloads_as_png_of_the_asked_size(client: openai.OpenAI):
     assert_image(download.content, "png", (1024, 1024))
 
 
-def test_b64_json_decodes_to_the_image(client: openai.OpenAI):
+def test_b64_json_decodes_to_the_image(client: openai.OpenAI) -> None:
     result = client.images.generate(
         model="flux-pro-1.1", prompt="a lighthouse", size="640x480", response_format="b64_json"
     )
-    assert result.data[0].url is None
-    assert_image(base64.b64decode(result.data[0].b64_json or ""), "png", (640, 480))
+    assert data_of(result)[0].url is None
+    assert_image(base64.b64decode(data_of(result)[0].b64_json or ""), "png", (640, 480))
 
 
-def test_raw_response_matches_openai_schema_and_carries_the_report(client: openai.OpenAI):
+def test_raw_response_matches_openai_schema_and_carries_the_report(client: openai.OpenAI) -> None:
     raw = client.images.with_raw_response.generate(
         model="flux1.1-pro", prompt="a lighthouse", size="16:9", n=2, extra_body={"seed": 7}
     )
@@ -46,14 +46,14 @@ def test_raw_response_matches_openai_schema_and_carries_the_report(client: opena
     assert raw.headers["x-flux-proxy-provider"] == "local"
 
 
-def test_extra_body_parameters_are_accepted_and_reported(client: openai.OpenAI):
+def test_extra_body_parameters_are_accepted_and_reported(client: openai.OpenAI) -> None:
     raw = client.images.with_raw_response.generate(
         model="flux1.1-pro",
         prompt="a lighthouse",
         extra_body={"aspect_ratio": "3:2", "resolution": "0.5K", "safety_tolerance": 2},
         response_format="b64_json",
     )
-    image = raw.parse().data[0].b64_json or ""
+    image = data_of(raw.parse())[0].b64_json or ""
     assert_image(base64.b64decode(image), "png", (627, 418))
     report = json.loads(raw.headers["x-flux-proxy-params"])
     assert report["aspect_ratio"]["handling"] == "converted"
@@ -61,7 +61,7 @@ def test_extra_body_parameters_are_accepted_and_reported(client: openai.OpenAI):
     assert report["safety_tolerance"]["handling"] == "ignored"
 
 
-def test_models_lists_configured_models_and_aliases(client: openai.OpenAI, gateway: str):
+def test_models_lists_configured_models_and_aliases(client: openai.OpenAI, gateway: str) -> None:
     ids = [model.id for model in client.models.list()]
     assert ids == ["flux1.1-pro", "flux-pro-1.1"]
     raw = httpx.get(f"{gateway}/v1/models").json()
@@ -71,7 +71,7 @@ def test_models_lists_configured_models_and_aliases(client: openai.OpenAI, gatew
     assert one.owned_by == "flux-proxy:local"
 
 
-def test_local_renderer_is_deterministic_per_prompt_and_seed(client: openai.OpenAI):
+def test_local_renderer_is_deterministic_per_prompt_and_seed(client: openai.OpenAI) -> None:
     def pixels(prompt: str, seed: int) -> bytes:
         result = client.images.generate(
             model="flux1.1-pro",
@@ -80,14 +80,14 @@ def test_local_renderer_is_deterministic_per_prompt_and_seed(client: openai.Open
             response_format="b64_json",
             extra_body={"seed": seed},
         )
-        return decode(base64.b64decode(result.data[0].b64_json or "")).tobytes()
+        return decode(base64.b64decode(data_of(result)[0].b64_json or "")).tobytes()
 
     assert pixels("a fox", 1) == pixels("a fox", 1)
     assert pixels("a fox", 1) != pixels("a fox", 2)
     assert pixels("a fox", 1) != pixels("a cat", 1)
 
 
-def test_width_and_height_fields_mean_exact_pixels(client: openai.OpenAI):
+def test_width_and_height_fields_mean_exact_pixels(client: openai.OpenAI) -> None:
     for extra in (
         {"width": 800, "height": 600},
         {"aspect_ratio": "custom", "width": 800, "height": 600},
@@ -95,12 +95,12 @@ def test_width_and_height_fields_mean_exact_pixels(client: openai.OpenAI):
         raw = client.images.with_raw_response.generate(
             model="flux1.1-pro", prompt="x", response_format="b64_json", extra_body=extra
         )
-        assert_image(base64.b64decode(raw.parse().data[0].b64_json or ""), "png", (800, 600))
+        assert_image(base64.b64decode(data_of(raw.parse())[0].b64_json or ""), "png", (800, 600))
         report = json.loads(raw.headers["x-flux-proxy-params"])
         assert report["width"] == {"handling": "converted", "detail": "exact size 800x600"}
 
 
-def test_custom_aspect_ratio_without_pixels_is_400(gateway: str):
+def test_custom_aspect_ratio_without_pixels_is_400(gateway: str) -> None:
     response = httpx.post(
         f"{gateway}/v1/images/generations",
         json={"model": "flux1.1-pro", "prompt": "x", "aspect_ratio": "custom"},
@@ -109,7 +109,7 @@ def test_custom_aspect_ratio_without_pixels_is_400(gateway: str):
     assert response.json()["error"]["param"] == "aspect_ratio"
 
 
-def test_null_parameters_are_reported_as_defaults(gateway: str):
+def test_null_parameters_are_reported_as_defaults(gateway: str) -> None:
     response = httpx.post(
         f"{gateway}/v1/images/generations",
         json={
@@ -131,7 +131,7 @@ def test_null_parameters_are_reported_as_defaults(gateway: str):
     assert_image(base64.b64decode(item["b64_json"]), "png", (1024, 1024))
 
 
-def test_null_prompt_is_still_a_400(gateway: str):
+def test_null_prompt_is_still_a_400(gateway: str) -> None:
     response = httpx.post(
         f"{gateway}/v1/images/generations", json={"model": "flux1.1-pro", "prompt": None}
     )

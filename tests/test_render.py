@@ -22,7 +22,7 @@ def test_b64_body_with_and_without_revised_prompt():
         GeneratedImage(data=b"more"),
     )
     response = render_json(request, result(*images), ["prompt", "response_format"], Settings())
-    body = json.loads(response.body)
+    body = json.loads(bytes(response.body))
     assert_matches(body, "ImagesResponse")
     assert body["output_format"] == "png"
     assert base64.b64decode(body["data"][0]["b64_json"]) == b"\x00\x01png-bytes"
@@ -33,6 +33,6 @@ def test_b64_body_with_and_without_revised_prompt():
 def test_url_body():
     request = ImageRequest(prompt="x")
     image = GeneratedImage(url='https://example.test/a.png?x=1&y="2"', revised_prompt="r")
-    body = json.loads(render_json(request, result(image), ["prompt"], Settings()).body)
+    body = json.loads(bytes(render_json(request, result(image), ["prompt"], Settings()).body))
     assert_matches(body, "ImagesResponse")
     assert body["data"] == [{"url": 'https://example.test/a.png?x=1&y="2"', "revised_prompt": "r"}]

@@ -7,13 +7,14 @@ import hashlib
 import hmac
 import json
 import time
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import openai
 import pytest
 
-from tests.images import assert_image
+from tests.images import assert_image, data_of
 from tests.openapi import assert_openai_error
 from tests.servers import serve
 from tests.upstream_openai import RecordingUpstream
@@ -101,7 +102,7 @@ def url_upstream():
         yield recorder, url
 
 
-def url_model(url: str, **store) -> dict:
+def url_model(url: str, **store: Any) -> dict[str, Any]:
     return {
         "store": store,
         "models": {
@@ -121,7 +122,7 @@ def test_b64_json_from_an_upstream_that_returns_urls(url_upstream, start_gateway
     result = client.images.generate(
         model="up", prompt="x", size="200x100", response_format="b64_json"
     )
-    assert base64.b64decode(result.data[0].b64_json or "") == recorder.produced[0]
+    assert base64.b64decode(data_of(result)[0].b64_json or "") == recorder.produced[0]
 
 
 def test_upstream_urls_are_hosted_by_default(url_upstream, start_gateway):

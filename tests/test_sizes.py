@@ -13,7 +13,13 @@ LIMITS = SizeLimits()
 BFL = SizeSupport(min_side=256, max_side=1440, multiple_of=32)
 
 
-def target(size=None, aspect_ratio=None, resolution=None, capabilities=CAPS, limits=LIMITS):
+def target(
+    size: str | None = None,
+    aspect_ratio: str | None = None,
+    resolution: str | None = None,
+    capabilities: Capabilities = CAPS,
+    limits: SizeLimits = LIMITS,
+) -> tuple[int, int]:
     resolved = resolve_target(
         size=size,
         aspect_ratio=aspect_ratio,
@@ -149,7 +155,9 @@ def test_pixel_cap_is_configurable():
         ((14142, 1), (1440, 256)),
     ],
 )
-def test_native_size_respects_range_and_multiple(wanted, native):
+def test_native_size_respects_range_and_multiple(
+    wanted: tuple[int, int], native: tuple[int, int]
+) -> None:
     made = native_size(*wanted, BFL)
     assert made == native
     assert all(side % 32 == 0 and 256 <= side <= 1440 for side in made)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import httpx2
 import openai
 import pytest
 from starlette.testclient import TestClient
@@ -25,7 +26,7 @@ from flux_proxy.hosts import KeyHosts
 from flux_proxy.plugins import load_registry
 from flux_proxy_bfl.emulator import BflEmulator
 from flux_proxy_bfl.provider import BflProvider
-from tests.images import assert_image, decode
+from tests.images import assert_image, data_of, decode
 from tests.openapi import assert_openai_error
 from tests.servers import serve
 from tests.sse import stream_events
@@ -86,7 +87,7 @@ def post(gateway: str, **body: Any) -> httpx.Response:
     )
 
 
-def report_of(headers: httpx.Headers) -> dict[str, dict[str, str]]:
+def report_of(headers: Mapping[str, str]) -> dict[str, dict[str, str]]:
     report: dict[str, dict[str, str]] = json.loads(headers["x-flux-proxy-params"])
     return report
 
@@ -111,9 +112,9 @@ def test_generate_sends_the_native_body_and_follows_the_polling_url(bfl, start_g
         },
     )
     result = raw.parse()
-    assert_image(base64.b64decode(result.data[0].b64_json or ""), "webp", (256, 256))
+    assert_image(base64.b64decode(data_of(result)[0].b64_json or ""), "webp", (256, 256))
     # prompt_upsampling: BFL's rewritten prompt comes back as OpenAI's revised_prompt.
-    assert (result.data[0].revised_prompt or "").startswith("a kestrel, ")
+    assert (data_of(result)[0].revised_prompt or "").startswith("a kestrel, ")
 
     (submit,) = emulator.submits
     assert submit.method == "POST" and submit.path == "/v1/flux-pro-1.1"
@@ -198,7 +199,7 @@ def test_n_is_one_task_per_image_with_consecutive_seeds(bfl, start_gateway):
         extra_body={"seed": 10},
     )
     pixels = set()
-    for item in result.data:
+    for item in data_of(result):
         image = assert_image(base64.b64decode(item.b64_json or ""), "png", (256, 256))
         pixels.add(image.convert("RGB").getpixel((0, 0)))
     assert len(pixels) == 2  # the emulator colours by seed: two seeds, two pictures
@@ -409,7 +410,7 @@ def test_retry_after_is_honoured(bfl, start_gateway):
     result = sdk(gateway, timeout=10).images.generate(
         model="flux1.1-pro", prompt="a kestrel", size="256x256", response_format="b64_json"
     )
-    assert len(result.data) == 1
+    assert len(data_of(result)) == 1
     assert len(emulator.polls) == 4
 
 
@@ -489,7 +490,7 @@ def submit(
     body: dict[str, Any],
     path: str = "/v1/flux-pro-1.1",
     key: str = "emulator-key",
-) -> httpx.Response:
+) -> httpx2.Response:  # what starlette's TestClient answers with
     return client.post(path, json=body, headers={"x-key": key})
 
 

@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from flux_proxy import FluxProxy
 from flux_proxy.config import ConfigError
 from flux_proxy_replicate.emulator import ReplicateEmulator, create_app
-from tests.images import assert_image, decode
+from tests.images import assert_image, data_of, decode
 from tests.openapi import assert_openai_error
 from tests.servers import serve
 from tests.sse import stream_events
@@ -106,7 +106,7 @@ def test_one_prediction_with_every_field_inside_input(start: Start) -> None:
         response_format="b64_json",
         extra_body={"seed": 42, **extras},
     )
-    image = raw.parse().data[0].b64_json or ""
+    image = data_of(raw.parse())[0].b64_json or ""
     assert_image(base64.b64decode(image), "webp", (256, 256))
 
     [create] = creates(emulator)
@@ -160,7 +160,7 @@ def test_polling_follows_urls_get_and_jpeg_is_spelled_jpg(start: Start) -> None:
         output_format="jpeg",
         extra_body={"width": 999},
     )
-    url = raw.parse().data[0].url or ""
+    url = data_of(raw.parse())[0].url or ""
     assert_image(httpx.get(url).content, "jpeg", (1920, 1080))
 
     [create] = creates(emulator)
@@ -198,7 +198,7 @@ def test_n_fans_out_to_one_prediction_per_image_with_seed_plus_i(start: Start) -
         response_format="b64_json",
         extra_body={"seed": 7},
     )
-    for item in raw.parse().data:
+    for item in data_of(raw.parse()):
         assert_image(base64.b64decode(item.b64_json or ""), "png", (256, 256))
     report = json.loads(raw.headers["x-flux-proxy-params"])
     assert report["n"]["handling"] == "emulated"
@@ -221,7 +221,7 @@ def test_ultra_gets_an_aspect_ratio_preset(start: Start) -> None:
         response_format="b64_json",
         extra_body={"aspect_ratio": "16:9", "raw": "true"},
     )
-    assert_image(base64.b64decode(raw.parse().data[0].b64_json or ""), "png", (1376, 768))
+    assert_image(base64.b64decode(data_of(raw.parse())[0].b64_json or ""), "png", (1376, 768))
     [create] = creates(emulator)
     assert create.path == f"/v1/models/{ULTRA}/predictions"
     assert create.body["input"] == {
