@@ -7,10 +7,11 @@ passes on whatever body the app sends, so a HEAD answer here shows the app's own
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Iterator
 
 import httpx
 import pytest
+from starlette.types import Message
 
 from flux_proxy import FluxProxy
 from tests.asgi import asgi_client
@@ -113,18 +114,18 @@ def never_called(request: httpx.Request) -> httpx.Response:
 )
 async def test_a_client_leaving_mid_body_is_an_info_log_not_a_500(caplog, path, config):
     """The server tells the app by an http.disconnect where the next body chunk would be."""
-    messages = iter(
+    messages: Iterator[Message] = iter(
         [
             {"type": "http.request", "body": b'{"prompt": "a f', "more_body": True},
             {"type": "http.disconnect"},
         ]
     )
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return next(messages)
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     scope = {
