@@ -29,6 +29,30 @@ FLUX_1K_SIZES: dict[str, tuple[int, int]] = {
     "9:16": (768, 1365),
 }
 
+# FLUX 1.1 [pro]'s pixel rule (BFL's FluxPro11Inputs; fal and Replicate serve the same
+# model): width and height 256-1440, multiples of 32.
+FLUX_PRO_SIZES = {"min_side": 256, "max_side": 1440, "multiple_of": 32}
+
+# FLUX 1.1 [pro] Ultra makes about 4 megapixels, shaped by ``aspect_ratio`` alone. BFL
+# does not publish the pixel sizes; these are the ones its Ultra outputs are known at
+# (UNCERTAIN; 5:4 and 4:5 only where Replicate offers them). An error here costs a
+# resize, never a wrong answer: the size layer fits whatever comes back.
+FLUX_ULTRA_SIZES: dict[str, tuple[int, int]] = {
+    "21:9": (3136, 1344),
+    "16:9": (2752, 1536),
+    "3:2": (2496, 1664),
+    "4:3": (2368, 1792),
+    "5:4": (2304, 1856),
+    "1:1": (2048, 2048),
+    "4:5": (1856, 2304),
+    "3:4": (1792, 2368),
+    "2:3": (1664, 2496),
+    "9:16": (1536, 2752),
+    "9:21": (1344, 3136),
+}
+# The ratios BFL's own Ultra endpoint (and fal's) takes: "between 21:9 and 9:21".
+FLUX_ULTRA_RATIOS = ("21:9", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16", "9:21")
+
 # Resolution tiers in megapixels (1 MP = 1024 x 1024 here, so "1K" is exactly 1).
 RESOLUTION_TIERS: dict[str, float] = {
     "0.5K": 0.25,
@@ -124,3 +148,18 @@ class Capabilities(BaseModel):
             else:
                 merged[key] = value
         return Capabilities.model_validate(merged)
+
+
+def flux_ultra_capabilities(ratios: tuple[str, ...], **declared: Any) -> Capabilities:
+    """An Ultra model's capabilities: its sizes from FLUX_ULTRA_SIZES, plus ``declared``.
+
+    Shapes at the 1K tier are exactly half the native sizes, so "2K" asks for (and
+    gets) the native pixels without a resize.
+    """
+    sizes = {ratio: FLUX_ULTRA_SIZES[ratio] for ratio in ratios}
+    return Capabilities(
+        sizes=SizeSupport(presets=tuple(sizes.values())),
+        ratios={ratio: (w // 2, h // 2) for ratio, (w, h) in sizes.items()},
+        default_size=sizes["1:1"],
+        **declared,
+    )

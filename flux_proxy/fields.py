@@ -77,6 +77,8 @@ class NativeBody:
         self.body[name] = native
         handling, detail = describe(param, value, name, native)
         existing = self._job.report.get(param)
+        if existing is None and not client_sent(self._job, param):
+            return  # the gateway's own choice (a default format, say): nothing to report
         # A middleware's emulation note is worth more than "sent unchanged".
         if existing is None or (existing.handling == "passthrough" and handling != "passthrough"):
             self._job.report.record(param, handling, detail)
@@ -89,6 +91,39 @@ class NativeBody:
 
 # The public parameters that set an image's size.
 SIZE_PARAMS = ("size", "aspect_ratio", "resolution")
+
+
+def client_sent(job: ImageJob, param: str) -> bool:
+    """Whether the client's request named ``param`` (the report covers only those)."""
+    request = job.request
+    return param in request.model_fields_set or param in request.extras
+
+
+def report_size_form(job: ImageJob, form: str) -> None:
+    """Say in the report how the size reached the provider (``form``: its native form).
+
+    Each size parameter the client sent (and the gateway did not ignore) becomes
+    "converted" (or stays "emulated" when the gateway resizes), with ``sent as
+    {form}`` in front of what the size layer said. Idempotent: fan-out's calls
+    share one report, and the detail is said once, not once per call.
+    """
+    sent_as = f"sent as {form}"
+    for param in SIZE_PARAMS:
+        if not client_sent(job, param) or getattr(job.request, param) is None:
+            continue
+        entry = job.report.get(param)
+        if entry is None:
+            job.report.record(param, "converted", sent_as)
+            continue
+        if entry.handling == "ignored" or entry.detail.startswith(sent_as):
+            continue
+        if entry.handling == "passthrough":
+            # "1024x768" went out in the provider's own form (width/height, a preset
+            # name): converted, and the form says all the passthrough note did.
+            job.report.record(param, "converted", sent_as)
+        else:
+            handling: Handling = "emulated" if entry.handling == "emulated" else "converted"
+            job.report.record(param, handling, f"{sent_as}; {entry.detail}")
 
 
 def public_param(job: ImageJob, native: str, *, size_fields: frozenset[str]) -> str:

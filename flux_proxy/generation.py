@@ -48,7 +48,10 @@ class Generator:
 
     def check(self, request: ImageRequest, model: ModelRoute, public_url: str) -> None:
         """Reject bad input before a streaming response commits to 200."""
-        self._stack.check(self._job(request, model.targets[0], public_url))
+        job = self._job(request, model.targets[0], public_url)
+        self._stack.check(job)
+        # The provider's own refusals too (BFL's webhook_url, say): a 400, not an SSE error.
+        job.route.provider.check(job)
 
     async def generate(
         self,

@@ -1,10 +1,16 @@
-"""Helpers for providers that submit a task and poll for it.
+"""Submit, then poll: the one policy every polling provider follows (:func:`poll`).
 
-Polls wait what the provider suggests (``Retry-After``) or back off from a short
-first interval; the waits are ``anyio.sleep``, never blocking. The overall
-deadline is the request's own (``limits.request_timeout``). When the request is
-cancelled (the client went away, or the deadline passed) ``cancel_upstream_on_exit``
-tells the provider to stop the task where the provider allows it.
+- The URL polled is the one the provider handed back, followed as given; the key
+  goes with it only to the provider's hosts (``Upstream.request``).
+- Each wait is what the provider suggests (``Retry-After``, bounded by the
+  ``poll_max_interval`` option, with a floor) or a backoff from ``poll_interval``;
+  the waits are ``anyio.sleep``, never blocking.
+- A poll answered 429, 502 or 503 is waited out and asked again, up to
+  ``MAX_RETRIES`` in a row; any other failure is mapped to the client's error.
+- ``poll_timeout`` bounds the polling (504); the request's own deadline
+  (``limits.request_timeout``) bounds everything.
+- When the gateway gives the task up (the client went away, a deadline passed,
+  polling failed) the provider's ``cancel`` is called, where it has one.
 """
 
 from __future__ import annotations
@@ -12,14 +18,23 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from typing import TypeVar
 
 import anyio
+import httpx
 from pydantic import Field
 
 from flux_proxy.errors import GatewayError, UpstreamTimeout
 from flux_proxy.providers.base import ProviderOptions
+from flux_proxy.upstream import Upstream
+
+T = TypeVar("T")
+# Poll answers worth waiting out rather than failing on (fal's own clients retry these;
+# BFL and Replicate throttle polls with 429), and how many in a row before giving up.
+RETRY_STATUSES = frozenset({429, 502, 503})
+MAX_RETRIES = 5
 
 logger = logging.getLogger("flux_proxy")
 
@@ -115,3 +130,49 @@ async def cancel_upstream_on_exit(
             except Exception:  # best effort: the request is gone either way
                 logger.warning("cancelling the upstream task failed", exc_info=True)
         raise
+
+
+async def poll(
+    upstream: Upstream,
+    url: str,
+    read: Callable[[httpx.Response], Awaitable[T | None]],
+    *,
+    options: PollingOptions,
+    task: str,
+    cancel: Callable[[], Awaitable[None]] | None = None,
+    retry_after: str | None = None,
+    params: Mapping[str, str] | None = None,
+) -> T:
+    """Poll ``url`` (handed back by the upstream) until ``read`` returns a value.
+
+    ``read`` gets each successful answer and returns the result once the task is
+    done, or None to poll again (it may report progress, or raise the task's
+    failure). ``retry_after`` is the submit answer's hint for the first wait; without
+    one the first poll goes at once.
+    ``task`` names the work in a ``poll_timeout`` message ("bfl task").
+    """
+    backoff = options.backoff()
+    retries = 0
+    async with AsyncExitStack() as stack:
+        # The poll timeout sits outside the cancel guard so that giving up cancels too.
+        stack.enter_context(options.deadline(task))
+        if cancel is not None:
+            await stack.enter_async_context(cancel_upstream_on_exit(cancel, on_error=True))
+        # The first poll goes at once unless the submit answer asked for a wait.
+        first = retry_after is None
+        while True:
+            if not first:
+                await backoff.wait(retry_after)
+            first = False
+            response = await upstream.request("GET", url, handed_back="polling URL", params=params)
+            retry_after = response.headers.get("retry-after")
+            if response.status_code in RETRY_STATUSES and retries < MAX_RETRIES:
+                retries += 1
+                continue
+            if not response.is_success:
+                raise upstream.error(response)
+            retries = 0
+            done = await read(response)
+            if done is not None:
+                return done
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises

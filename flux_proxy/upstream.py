@@ -1,17 +1,20 @@
-"""Mapping an upstream's HTTP failure to the error the client should see.
+"""Talking to an upstream, the same way for every provider, built-in or plugin.
 
-Shared by every provider, built-in or plugin, so the same upstream trouble reads
-the same whoever the upstream is. Messages never include provider keys: callers
-pass the secrets to strip from anything the upstream echoed.
+- :class:`Upstream`: one provider call's requests, with its key sent only to the
+  provider's hosts (flux_proxy/hosts.py), every answer read with a size cap, and
+  the key redacted from everything passed on.
+- :func:`error_for_status` and :func:`validation_error`: an upstream's failure as
+  the error the client should see, so the same trouble reads the same whoever the
+  upstream is.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -24,8 +27,15 @@ from flux_proxy.errors import (
     UpstreamTimeout,
     redact,
 )
+from flux_proxy.fields import public_param
+from flux_proxy.hosts import KeyHosts
 
+if TYPE_CHECKING:
+    from flux_proxy.schema import ImageJob
+
+# Longest upstream text quoted in an error, and longest error message passed on.
 MAX_MESSAGE = 500
+MAX_ERROR_MESSAGE = 1000
 
 # Upstream error codes that mean "moderation refused this", whatever the model's
 # generation calls it (dall-e-3 and gpt-image differ); the client sees OpenAI's
@@ -34,32 +44,64 @@ MODERATION_CODES: frozenset[str] = frozenset({"content_policy_violation", "moder
 # An upstream code passes on only when it looks like one: a code is matched on by
 # client code, so free text (or anything echoing a key) never goes there.
 CODE_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# RFC 9110's IMF-fixdate, the one HTTP-date form a sender should produce.
+HTTP_DATE = re.compile(
+    r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} "
+    r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} GMT"
+)
 
 
-def upstream_message(response: httpx.Response) -> str:
-    """The human part of an upstream error body, whatever shape it has."""
+def upstream_message(response: httpx.Response, secrets: Sequence[str] = ()) -> str:
+    """The human part of an upstream error body, whatever shape it has.
+
+    Redacted first, cut to MAX_MESSAGE after: cut first, a key split at the cut
+    would no longer match and its first half would pass on.
+    """
+    return clip(redact(_message_text(response), list(secrets)))
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _message_text(response: httpx.Response) -> str:
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return response.text[:MAX_MESSAGE].strip()
+        return response.text
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])[:MAX_MESSAGE]
+            return str(error["message"])
         for key in ("detail", "message", "error", "title"):
             value = body.get(key)
             if isinstance(value, str):
-                return value[:MAX_MESSAGE]
+                return value
             if value is not None:
-                return json.dumps(value)[:MAX_MESSAGE]
-    return json.dumps(body)[:MAX_MESSAGE]
+                return json.dumps(value)
+    return json.dumps(body)
+
+
+def forwardable_retry_after(value: str | None) -> str | None:
+    """An upstream's ``Retry-After``, only when it is what the header may hold.
+
+    A number of seconds or an HTTP date; anything else (free text, an echoed key)
+    is not passed on to the client.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if (value.isdigit() and len(value) <= 10) or HTTP_DATE.fullmatch(value):
+        return value
+    return None
 
 
 def error_for_status(
-    response: httpx.Response, *, provider: str, secrets: list[str]
+    response: httpx.Response, *, provider: str, secrets: Sequence[str]
 ) -> GatewayError:
     status = response.status_code
-    detail = redact(upstream_message(response), secrets)
+    detail = upstream_message(response, secrets)
     if status in (401, 403):
         return UpstreamError(
             f"The {provider} upstream rejected the gateway's credentials (HTTP {status}). "
@@ -73,7 +115,7 @@ def error_for_status(
         )
     if status == 429:
         headers = {}
-        if retry_after := response.headers.get("retry-after"):
+        if retry_after := forwardable_retry_after(response.headers.get("retry-after")):
             headers["Retry-After"] = retry_after
         return RateLimited(
             f"The {provider} upstream is rate limiting requests: {detail}", headers=headers
@@ -125,28 +167,194 @@ def upstream_transport_errors(provider: str) -> Iterator[None]:
         ) from None
 
 
-async def post_capped(
-    http: httpx.AsyncClient, url: str, *, max_bytes: int, **kwargs: Any
+async def send_capped(
+    http: httpx.AsyncClient, request: httpx.Request, *, max_bytes: int
 ) -> httpx.Response:
-    """POST and read the answer, refusing one larger than ``max_bytes``.
+    """Send ``request`` and read the answer, refusing (502) one larger than ``max_bytes``.
 
-    For upstreams that put images inside their JSON: an answer is otherwise read
-    whole into memory, however large the upstream makes it.
+    The answer is read as it arrives and given up at the cap (or at once when its
+    Content-Length says it is over), never held whole first, however large the
+    upstream makes it. Transport failures are the caller's to map.
     """
-    request = http.build_request("POST", url, **kwargs)
     response = await http.send(request, stream=True)
     chunks: list[bytes] = []
     size = 0
     try:
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise AnswerTooLarge()
         async for chunk in response.aiter_bytes():
             size += len(chunk)
             if size > max_bytes:
-                raise UpstreamError("The upstream's answer is larger than the gateway accepts.")
+                raise AnswerTooLarge()
             chunks.append(chunk)
     finally:
         await response.aclose()
     # aiter_bytes already undid any content-encoding: the copy must not claim one.
-    headers = [(k, v) for k, v in response.headers.multi_items() if k != "content-encoding"]
+    headers = [
+        (k, v)
+        for k, v in response.headers.multi_items()
+        if k not in ("content-encoding", "content-length")
+    ]
     return httpx.Response(
         response.status_code, headers=headers, content=b"".join(chunks), request=request
     )
+
+
+class AnswerTooLarge(UpstreamError):
+    def __init__(self) -> None:
+        super().__init__("The upstream's answer is larger than the gateway accepts.")
+
+
+class Upstream:
+    """One provider call's line to its upstream: the key, where it may go, how much to read.
+
+    Every request goes through :meth:`request`: the provider's auth header is added,
+    a URL the upstream handed back is checked first (the key goes only to the
+    provider's hosts, and the gateway's private-address guard applies), the answer
+    is read with a size cap, and transport failures become 502/504. :meth:`redact`
+    is the one place a provider key is taken out of what is passed on.
+    """
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        http: httpx.AsyncClient,
+        key: str | None,
+        auth: Mapping[str, str],
+        hosts: KeyHosts,
+        guard: Callable[[str], Awaitable[None]],
+        max_bytes: int,
+    ) -> None:
+        self.provider = provider
+        self._http = http
+        self._secrets = [key] if key else []
+        self._auth = dict(auth)
+        self.hosts = hosts
+        self._guard = guard
+        self.max_bytes = max_bytes
+
+    def __repr__(self) -> str:  # never the key, in a log line or a traceback's locals
+        return f"Upstream({self.provider!r})"
+
+    def redact(self, text: str, limit: int | None = MAX_MESSAGE) -> str:
+        """``text`` without the key, then (with ``limit``) clipped to that length."""
+        text = redact(text, self._secrets)
+        return clip(text, limit) if limit is not None else text
+
+    async def check_handed_back(self, url: str, what: str) -> None:
+        """Refuse a URL from an upstream answer that must not get the key (502)."""
+        self.hosts.check(url, what)
+        await self._guard(url)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        handed_back: str | None = None,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_bytes: int | None = None,
+    ) -> httpx.Response:
+        """One capped exchange with the key. ``handed_back`` names a URL the upstream
+        gave (``"polling URL"``): it is checked before anything is sent."""
+        if handed_back is not None:
+            await self.check_handed_back(url, handed_back)
+        with upstream_transport_errors(self.provider):
+            request = self._http.build_request(
+                method, url, json=json, params=params, headers={**self._auth, **(headers or {})}
+            )
+            return await send_capped(
+                self._http,
+                request,
+                max_bytes=max_bytes if max_bytes is not None else self.max_bytes,
+            )
+
+    def json(self, response: httpx.Response, what: str) -> Any:
+        return upstream_json(response, provider=self.provider, what=what)
+
+    def json_object(self, response: httpx.Response, what: str) -> dict[str, Any]:
+        payload = self.json(response, what)
+        if not isinstance(payload, dict):
+            raise UpstreamError(
+                f"The {self.provider} upstream answered the {what} with something other than "
+                "a JSON object."
+            )
+        return payload
+
+    def error(
+        self,
+        response: httpx.Response,
+        job: ImageJob | None = None,
+        *,
+        size_fields: frozenset[str] = frozenset(),
+    ) -> GatewayError:
+        """The client's error for a failed answer: a validation error naming the public
+        parameter where the upstream points at a field, else the status's mapping."""
+        if job is not None and response.status_code in (400, 422):
+            invalid = validation_error(response, job, self, size_fields=size_fields)
+            if invalid is not None:
+                return invalid
+        return error_for_status(response, provider=self.provider, secrets=self._secrets)
+
+    def scrub(self, error: GatewayError) -> GatewayError:
+        """``error`` as it may reach the client: no key in its message or headers."""
+        error.message = self.redact(error.message, limit=MAX_ERROR_MESSAGE)
+        error.args = (error.message,)
+        retry_after = forwardable_retry_after(error.headers.pop("Retry-After", None))
+        error.headers = {k: self.redact(v, limit=None) for k, v in error.headers.items()}
+        if retry_after is not None:
+            error.headers["Retry-After"] = retry_after
+        return error
+
+
+def validation_error(
+    response: httpx.Response, job: ImageJob, upstream: Upstream, *, size_fields: frozenset[str]
+) -> InvalidRequest | None:
+    """An upstream's "this field is invalid" as a 400 naming the client's parameter.
+
+    Reads FastAPI/pydantic's ``{"detail": [{"loc": ["body", field, ...], "msg"}]}``
+    (BFL, fal) and Replicate's ``{"invalid_fields": [{"field": "input.x",
+    "description"}]}``; None when the answer names no single field.
+    """
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    found = _fastapi_field(body) or _replicate_field(body)
+    if found is None:
+        return None
+    path, name, message = found
+    param = public_param(job, name, size_fields=size_fields)
+    sent = f" (sent as {path})" if path != param else ""
+    text = upstream.redact(f"The {upstream.provider} upstream rejected '{param}'{sent}: {message}")
+    return InvalidRequest(text, param=param)
+
+
+def _fastapi_field(body: dict[str, Any]) -> tuple[str, str, str] | None:
+    detail = body.get("detail")
+    if not isinstance(detail, list) or not detail or not isinstance(detail[0], dict):
+        return None
+    first = detail[0]
+    loc = first.get("loc")
+    parts = [str(part) for part in loc if part != "body"] if isinstance(loc, list) else []
+    names = [part for part in parts if not part.isdigit()]
+    if not names:
+        return None
+    return ".".join(parts), names[0], str(first.get("msg") or "invalid value")
+
+
+def _replicate_field(body: dict[str, Any]) -> tuple[str, str, str] | None:
+    fields = body.get("invalid_fields")
+    if not isinstance(fields, list) or not fields or not isinstance(fields[0], dict):
+        return None
+    path = str(fields[0].get("field", ""))
+    name = path.removeprefix("input.").split(".")[0]
+    if not name or name == "input":
+        return None  # e.g. a missing required field: no single public parameter to name
+    return path, name, str(fields[0].get("description") or "invalid value")

@@ -36,7 +36,7 @@ models:
         multiple_of: 16
     options:
       response_format: b64_json
-      send_seed: false
+      trusted_hosts: [mirror.internal]
   sketch:
     provider: local
 """
@@ -78,7 +78,10 @@ def test_yaml_file_with_models_loads(tmp_path):
         "output_formats": ["jpeg", "png"],
         "sizes": {"multiple_of": 16},
     }
-    assert dev.providers[0].options == {"response_format": "b64_json", "send_seed": False}
+    assert dev.providers[0].options == {
+        "response_format": "b64_json",
+        "trusted_hosts": ["mirror.internal"],
+    }
     assert settings.models["sketch"].providers[0].provider == "local"
     assert settings.models["sketch"].providers[0].upstream_model is None
     # Sections the file sets keep their other defaults.
@@ -166,7 +169,7 @@ def test_environment_overrides_the_file_with_typed_values(tmp_path):
         "FLUX_PROXY_LIMITS__REQUEST_TIMEOUT": "2.5",
         "FLUX_PROXY_STORE__RETURN_UPSTREAM_URLS": "true",
         "FLUX_PROXY_MODELS__SKETCH__ALIASES": "[s1, s2]",
-        "FLUX_PROXY_MODELS__FLUX-DEV__OPTIONS__SEND_SEED": "true",
+        "FLUX_PROXY_MODELS__FLUX-DEV__OPTIONS__TRUSTED_HOSTS": "[a.internal, b.internal]",
     }
     settings = load_settings(write(tmp_path, FULL_CONFIG), environ)
 
@@ -179,7 +182,7 @@ def test_environment_overrides_the_file_with_typed_values(tmp_path):
     assert settings.limits.max_side == 2048
     assert settings.models["flux-dev"].providers[0].options == {
         "response_format": "b64_json",
-        "send_seed": True,
+        "trusted_hosts": ["a.internal", "b.internal"],
     }
     assert settings.models["flux-dev"].providers[0].provider == "openai"
 

@@ -42,6 +42,9 @@ class LocalRenderer:
     def description(self, model: ProviderConfig) -> str:
         return DESCRIPTION
 
+    def check(self, job: ImageJob) -> None:
+        del job  # the renderer draws whatever it is asked for
+
     async def generate(self, job: ImageJob) -> list[GeneratedImage]:
         # No size layer in the stack: the model's declared default size.
         default_width, default_height = job.route.capabilities.default_size

@@ -15,61 +15,53 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, Literal
 
 from flux_proxy.capabilities import Capabilities
 from flux_proxy.config import ProviderConfig
 from flux_proxy.errors import UpstreamError
 from flux_proxy.fields import NativeBody
 from flux_proxy.hookspecs import RegisterProvider, hookimpl
-from flux_proxy.runtime import Runtime
+from flux_proxy.providers.base import ModelEntry, ModelSpec, ProviderOptions, UpstreamProvider
 from flux_proxy.schema import GeneratedImage, ImageJob
-from flux_proxy.upstream import (
-    error_for_status,
-    post_capped,
-    upstream_json,
-    upstream_transport_errors,
+from flux_proxy.upstream import Upstream
+
+
+class OpenAIOptions(ProviderOptions):
+    # What to ask the upstream for; None sends nothing (GPT-image rejects the field).
+    response_format: Literal["b64_json", "url"] | None = None
+
+
+# Conservative defaults: what every OpenAI Images server does. Declare more in config.
+DEFAULT_SPEC = ModelSpec(
+    capabilities=Capabilities(max_images_per_call=1, output_formats=("png",), accepts_seed=False)
 )
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
-
-class OpenAICompatibleProvider:
+class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
     name = "openai"
+    # No key unless the entry names its variable: another flux-proxy may need none.
+    key_env = None
+    base_url = "https://api.openai.com/v1"
+    options_model = OpenAIOptions
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
-
-    def capabilities(self, model: ProviderConfig) -> Capabilities:
-        # Conservative defaults: what every OpenAI Images server does. Declare more in config.
-        return Capabilities(max_images_per_call=1, output_formats=("png",), accepts_seed=False)
+    def model_spec(self, upstream_model: str, options: OpenAIOptions) -> ModelSpec:
+        return DEFAULT_SPEC  # any model name: the upstream knows its own models
 
     def description(self, model: ProviderConfig) -> str:
         return f"{model.upstream_model or 'a model'} via an OpenAI-compatible upstream"
 
-    async def generate(self, job: ImageJob) -> list[GeneratedImage]:
-        config = job.route.config
-        key = self._runtime.upstream_key(config.api_key_env) if config.api_key_env else None
-        body = self._body(job)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        base_url = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
-        # n base64 images of at most max_fetch_bytes each, plus room for the JSON around them.
-        limit = (self._runtime.settings.limits.max_fetch_bytes * 4 // 3 + 65536) * max(job.n, 1)
-        with upstream_transport_errors(self.name):
-            response = await post_capped(
-                self._runtime.http,
-                f"{base_url}/images/generations",
-                max_bytes=limit,
-                json=body,
-                headers=headers,
-            )
+    async def run(
+        self, job: ImageJob, entry: ModelEntry[ModelSpec, OpenAIOptions], upstream: Upstream
+    ) -> list[GeneratedImage]:
+        url = f"{entry.base_url}/images/generations"
+        response = await upstream.request("POST", url, json=self._body(job, entry.options))
         if response.status_code != 200:
-            raise error_for_status(response, provider=self.name, secrets=[key or ""])
-        return self._images(upstream_json(response, provider=self.name, what="request"), job)
+            raise upstream.error(response)
+        return self._images(upstream.json(response, "request"), job)
 
-    def _body(self, job: ImageJob) -> dict[str, Any]:
+    def _body(self, job: ImageJob, options: OpenAIOptions) -> dict[str, Any]:
         route = job.route
-        options = route.config.options
         native = NativeBody(job)
         native.body["model"] = route.upstream_model
         native.put("prompt", job.request.prompt)
@@ -82,8 +74,8 @@ class OpenAICompatibleProvider:
             native.put("output_format", job.output_format)
         if job.output_compression is not None:
             native.put("output_compression", job.output_compression)
-        if options.get("response_format"):
-            native.body["response_format"] = options["response_format"]
+        if options.response_format:
+            native.body["response_format"] = options.response_format
         if job.seed is not None:
             native.put("seed", job.seed)
         native.put_fields()

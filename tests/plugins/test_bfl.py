@@ -346,7 +346,7 @@ def test_bfl_422_is_a_400_naming_the_public_parameter(
     assert "less than or equal to" in error["message"]
     assert emulator.submits and emulator.polls == []
     if bfl_field != param:
-        assert f"sent to BFL as {bfl_field}" in error["message"]
+        assert f"sent as {bfl_field}" in error["message"]
 
 
 def test_missing_key_names_bfls_conventional_variable(bfl, start_gateway):

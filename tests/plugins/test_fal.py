@@ -155,7 +155,7 @@ def test_queue_round_trip_sends_fal_native_fields_and_follows_the_returned_urls(
     params = report(raw)
     assert params["size"] == {
         "handling": "converted",
-        "detail": '1024x768; sent as image_size="landscape_4_3"',
+        "detail": 'sent as image_size="landscape_4_3"',
     }
     assert params["n"] == {"handling": "renamed", "detail": "sent as num_images"}
     assert params["safety_tolerance"]["handling"] == "converted"

@@ -51,6 +51,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flux_proxy import sdk
+
 DEFAULT_API_KEY = "emulator-key"
 # What BFL's FastAPI answers without a key and with a wrong one.
 NO_KEY = {"detail": "Not authenticated"}
@@ -63,15 +65,7 @@ MODERATION_REASONS = ["Sexual Content"]
 # Ultra's pixel sizes per ratio (UNCERTAIN, see the provider); other ratios get ~4 MP.
 ULTRA_MEGAPIXELS = 4 * 1024 * 1024
 ULTRA_SIZES: dict[str, tuple[int, int]] = {
-    "21:9": (3136, 1344),
-    "16:9": (2752, 1536),
-    "3:2": (2496, 1664),
-    "4:3": (2368, 1792),
-    "1:1": (2048, 2048),
-    "3:4": (1792, 2368),
-    "2:3": (1664, 2496),
-    "9:16": (1536, 2752),
-    "9:21": (1344, 3136),
+    ratio: sdk.FLUX_ULTRA_SIZES[ratio] for ratio in sdk.FLUX_ULTRA_RATIOS
 }
 # Prompt words that end a task some other way than Ready, first match wins.
 TRIGGERS: tuple[tuple[str, str], ...] = (

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from flux_proxy.hookspecs import RegisterEmulator, RegisterProvider, hookimpl
+from flux_proxy import sdk
 from flux_proxy_bfl.emulator import create_app
 from flux_proxy_bfl.provider import BflProvider
 
 
-@hookimpl
-def register_providers(register: RegisterProvider) -> None:
+@sdk.hookimpl
+def register_providers(register: sdk.RegisterProvider) -> None:
     register("bfl", BflProvider)
 
 
-@hookimpl
-def register_emulators(register: RegisterEmulator) -> None:
+@sdk.hookimpl
+def register_emulators(register: sdk.RegisterEmulator) -> None:
     register("bfl", create_app)

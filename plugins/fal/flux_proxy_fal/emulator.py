@@ -44,6 +44,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flux_proxy import sdk
+
 APP_ID = "fal-ai/flux-pro"
 DOCS = "https://docs.fal.ai/errors/#"
 
@@ -58,15 +60,7 @@ IMAGE_SIZES: dict[str, tuple[int, int]] = {
 }
 # Ultra's aspect ratios and the ~4 MP size the emulator makes for each (BFL's, UNCERTAIN).
 ULTRA_SIZES: dict[str, tuple[int, int]] = {
-    "21:9": (3136, 1344),
-    "16:9": (2752, 1536),
-    "4:3": (2368, 1792),
-    "3:2": (2496, 1664),
-    "1:1": (2048, 2048),
-    "2:3": (1664, 2496),
-    "3:4": (1792, 2368),
-    "9:16": (1536, 2752),
-    "9:21": (1344, 3136),
+    ratio: sdk.FLUX_ULTRA_SIZES[ratio] for ratio in sdk.FLUX_ULTRA_RATIOS
 }
 
 

@@ -14,56 +14,27 @@ Two ways to call fal, chosen by the model's ``options.mode``:
 (``https://queue.fal.run`` or ``https://fal.run``); the emulator serves the queue
 API at its root and the sync API under ``/sync``.
 
-Model ``options`` (all optional):
-
-- ``mode``: ``"queue"`` or ``"sync"``.
-- ``poll_timeout``: seconds to wait for a queued request before giving up with
-  504 and cancelling it upstream (default: only the request's own deadline).
-- ``poll_interval`` / ``poll_max_interval``: first and longest wait between
-  status polls, in seconds (default 0.5 / 5). fal's ``Retry-After`` wins.
-- ``logs``: ask for the run's log lines when polling (``?logs=1``) and log them
-  at debug level (default false).
+Model ``options`` (all optional): ``mode`` (``"queue"`` or ``"sync"``), ``logs``
+(poll with ``?logs=1`` and log fal's run log lines at debug level), and the shared
+polling ones (``sdk.PollingOptions``: ``poll_interval``, ``poll_max_interval``,
+``poll_timeout``, ``trusted_hosts``).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 
-from flux_proxy.capabilities import Capabilities, SizeSupport
-from flux_proxy.config import ProviderConfig
-from flux_proxy.errors import (
-    ContentPolicyViolation,
-    GatewayError,
-    InvalidRequest,
-    UpstreamError,
-    UpstreamTimeout,
-    redact,
-)
-from flux_proxy.fields import SIZE_PARAMS, NativeBody, public_param
-from flux_proxy.hosts import KeyHosts
-from flux_proxy.polling import PollingOptions, cancel_upstream_on_exit
-from flux_proxy.providers.base import provider_options
-from flux_proxy.runtime import Runtime
-from flux_proxy.schema import GeneratedImage, ImageJob, Progress
-from flux_proxy.upstream import error_for_status, upstream_json, upstream_transport_errors
+from flux_proxy import sdk
 
 logger = logging.getLogger("flux_proxy.fal")
 
-KEY_ENV = "FAL_KEY"
-DEFAULT_MODEL = "fal-ai/flux-pro/v1.1"
 DEFAULT_HOSTS: dict[str, str] = {"queue": "https://queue.fal.run", "sync": "https://fal.run"}
-# fal's own API hosts (queue.fal.run, fal.run, the backup queue.falrun.com): the only
-# ones, with the configured base_url and the trusted_hosts option, that get the key when
-# a queue ticket names them. Result files (fal.media) are downloaded without it.
-KEY_HOSTS = ("fal.run", "*.fal.run", "falrun.com", "*.falrun.com")
 
 # fal's named image sizes (fal toolkit); a size equal to one is sent by name.
 IMAGE_SIZE_PRESETS: dict[tuple[int, int], str] = {
@@ -73,21 +44,6 @@ IMAGE_SIZE_PRESETS: dict[tuple[int, int], str] = {
     (576, 1024): "portrait_16_9",
     (1024, 768): "landscape_4_3",
     (1024, 576): "landscape_16_9",
-}
-
-# FLUX 1.1 [pro] ultra takes only an aspect ratio and makes about 4 megapixels.
-# The pixel size per ratio is what BFL's ultra produces as far as known (UNCERTAIN);
-# the gateway resizes whatever comes back to the exact size asked for anyway.
-ULTRA_SIZES: dict[tuple[int, int], str] = {
-    (3136, 1344): "21:9",
-    (2752, 1536): "16:9",
-    (2368, 1792): "4:3",
-    (2496, 1664): "3:2",
-    (2048, 2048): "1:1",
-    (1664, 2496): "2:3",
-    (1792, 2368): "3:4",
-    (1536, 2752): "9:16",
-    (1344, 3136): "9:21",
 }
 
 # Public field -> fal field, type and range. Applied to the client's extra fields by
@@ -102,14 +58,14 @@ COMMON_FIELDS: dict[str, Any] = {
     "sync_mode": {"type": "boolean"},
     "enable_safety_checker": {"type": "boolean"},
 }
+# Up to four images per call, jpeg or png (no webp at fal).
+PER_CALL: dict[str, Any] = {"max_images_per_call": 4, "output_formats": ("jpeg", "png")}
 
 
-@dataclass(frozen=True)
-class FalModel:
+@dataclass(frozen=True, kw_only=True)
+class FalModel(sdk.ModelSpec):
     """What one fal model accepts, as data."""
 
-    description: str
-    capabilities: Capabilities
     # The body field carrying the size, and the names fal has for sizes.
     size_field: Literal["image_size", "aspect_ratio"]
     size_names: Mapping[tuple[int, int], str]
@@ -119,36 +75,31 @@ class FalModel:
 
 MODELS: dict[str, FalModel] = {
     "fal-ai/flux-pro/v1.1": FalModel(
-        description="FLUX 1.1 [pro] on fal.ai",
-        capabilities=Capabilities(
+        title="FLUX 1.1 [pro] on fal.ai",
+        capabilities=sdk.Capabilities(
             # fal accepts custom sizes up to 14142; whether it enforces FLUX's own
             # 256-1440 / multiple-of-32 rule is unknown, so only sizes FLUX accepts are asked for.
-            sizes=SizeSupport(min_side=256, max_side=1440, multiple_of=32),
-            max_images_per_call=4,
-            output_formats=("jpeg", "png"),
+            sizes=sdk.SizeSupport(**sdk.FLUX_PRO_SIZES),
             fields=COMMON_FIELDS,
+            **PER_CALL,
         ),
         size_field="image_size",
         size_names=IMAGE_SIZE_PRESETS,
         custom_sizes=True,
     ),
     "fal-ai/flux-pro/v1.1-ultra": FalModel(
-        description="FLUX 1.1 [pro] ultra on fal.ai",
-        capabilities=Capabilities(
-            sizes=SizeSupport(presets=tuple(ULTRA_SIZES)),
-            # Ultra's ratios at the 1K tier (half of each side), so "2K" lands on its real size.
-            ratios={ratio: (w // 2, h // 2) for (w, h), ratio in ULTRA_SIZES.items()},
-            default_size=(2048, 2048),
-            max_images_per_call=4,
-            output_formats=("jpeg", "png"),
+        title="FLUX 1.1 [pro] ultra on fal.ai",
+        capabilities=sdk.flux_ultra_capabilities(
+            sdk.FLUX_ULTRA_RATIOS,
             fields={
                 **COMMON_FIELDS,
                 "raw": {"type": "boolean"},
                 "image_prompt_strength": {"type": "number", "minimum": 0, "maximum": 1},
             },
+            **PER_CALL,
         ),
         size_field="aspect_ratio",
-        size_names=ULTRA_SIZES,
+        size_names={sdk.FLUX_ULTRA_SIZES[r]: r for r in sdk.FLUX_ULTRA_RATIOS},
         custom_sizes=False,
     ),
 }
@@ -168,86 +119,61 @@ WAITING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
 COMPLETED = "COMPLETED"
 
 # Error types in a fal ``detail`` list that are fal's fault, not the request's.
-UPSTREAM_FAULTS: dict[str, type[UpstreamError]] = {
-    "internal_server_error": UpstreamError,
-    "downstream_service_error": UpstreamError,
-    "downstream_service_unavailable": UpstreamError,
-    "generation_timeout": UpstreamTimeout,
+UPSTREAM_FAULTS: dict[str, type[sdk.UpstreamError]] = {
+    "internal_server_error": sdk.UpstreamError,
+    "downstream_service_error": sdk.UpstreamError,
+    "downstream_service_unavailable": sdk.UpstreamError,
+    "generation_timeout": sdk.UpstreamTimeout,
 }
 
-# Poll answers worth waiting out rather than failing on (fal's own clients retry these).
-TRANSIENT_POLL_STATUSES = frozenset({429, 502, 503})
-MAX_TRANSIENT_POLLS = 5
 
-
-class FalOptions(PollingOptions):
+class FalOptions(sdk.PollingOptions):
     mode: Literal["queue", "sync"] = "queue"
     logs: bool = False
 
 
-def model_for(config: ProviderConfig) -> FalModel:
-    # Other fal model ids are assumed to take FLUX 1.1 [pro]'s input; capabilities
-    # can be overridden in config where they differ.
-    return MODELS.get(config.upstream_model or DEFAULT_MODEL, MODELS[DEFAULT_MODEL])
+Entry = sdk.ModelEntry[FalModel, FalOptions]
 
 
-def options_for(config: ProviderConfig) -> FalOptions:
-    return provider_options(FalOptions, config)
-
-
-@dataclass
-class _Call:
-    """One upstream call's context: what error mapping and reporting need."""
-
-    job: ImageJob
-    model: FalModel
-    options: FalOptions
-    key: str = field(repr=False)  # never in a repr, a log line or a traceback's locals dump
-    hosts: KeyHosts
-    headers: dict[str, str] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.headers = {"Authorization": f"Key {self.key}"}
-
-
-class FalProvider:
+class FalProvider(sdk.UpstreamProvider[FalModel, FalOptions]):
     name = "fal"
-    default_model = DEFAULT_MODEL
+    key_env = "FAL_KEY"
+    key_prefix = "Key "
+    base_url = DEFAULT_HOSTS["queue"]
+    # fal's API hosts (queue.fal.run, fal.run, the backup queue.falrun.com): the ones a
+    # queue ticket may name. Result files (fal.media) are downloaded without the key.
+    key_hosts = ("fal.run", "*.fal.run", "falrun.com", "*.falrun.com")
+    default_model = "fal-ai/flux-pro/v1.1"
+    options_model = FalOptions
+    models = MODELS
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
+    def default_base_url(self, options: FalOptions) -> str:
+        return DEFAULT_HOSTS[options.mode]  # the sync API lives on another host
 
-    def capabilities(self, model: ProviderConfig) -> Capabilities:
-        options_for(model)  # a bad option fails at startup, not on the first request
-        return model_for(model).capabilities
+    def description(self, model: sdk.ProviderConfig) -> str:
+        entry = self.entry(model)
+        return f"{entry.spec.title} ({entry.upstream_model}, {entry.options.mode} API)"
 
-    def description(self, model: ProviderConfig) -> str:
-        model_id = model.upstream_model or DEFAULT_MODEL
-        return f"{model_for(model).description} ({model_id}, {options_for(model).mode} API)"
-
-    async def generate(self, job: ImageJob) -> list[GeneratedImage]:
-        config = job.route.config
-        key_env = config.api_key_env or KEY_ENV
-        key = self._runtime.upstream_key(key_env)
-        options = options_for(config)
-        model_id = config.upstream_model or DEFAULT_MODEL
-        base = (config.base_url or DEFAULT_HOSTS[options.mode]).rstrip("/")
-        hosts = KeyHosts(self.name, (*KEY_HOSTS, *options.trusted_hosts), base)
-        call = _Call(job, model_for(config), options, key, hosts)
-        body = self._body(call)
-        if options.mode == "sync":
-            output = await self._run_sync(call, f"{base}/{model_id}", body)
+    async def run(
+        self, job: sdk.ImageJob, entry: Entry, upstream: sdk.Upstream
+    ) -> list[sdk.GeneratedImage]:
+        url = f"{entry.base_url}/{entry.upstream_model}"
+        body = self._body(job, entry.spec)
+        if entry.options.mode == "sync":
+            response = await upstream.request("POST", url, json=body)
+            if response.status_code != 200:
+                raise self._error(job, entry, upstream, response)
+            output = upstream.json(response, "output")
         else:
-            output = await self._run_queued(call, f"{base}/{model_id}", body)
-        return self._images(call, output)
+            output = await self._run_queued(job, entry, upstream, url, body)
+        return await self._images(job, output)
 
     # --- request body -------------------------------------------------------------
 
-    def _body(self, call: _Call) -> dict[str, Any]:
-        job = call.job
-        native = NativeBody(job)
+    def _body(self, job: sdk.ImageJob, model: FalModel) -> dict[str, Any]:
+        native = sdk.NativeBody(job)
         native.put("prompt", job.request.prompt)
-        self._put_size(call, native)
+        self._put_size(job, model, native)
         if "n" in job.request.model_fields_set:
             native.put("n", job.n)
         else:
@@ -262,15 +188,11 @@ class FalProvider:
             # A client sending fal's own name (image_size, num_images, ...) does not beat the
             # public parameter the gateway already turned into that field.
             if name in own and own[name] != value:
-                job.report.record(
-                    name,
-                    "ignored",
-                    f"the gateway sets {name} from {OWN_FIELD_SOURCES.get(name, name)}",
-                )
+                source = OWN_FIELD_SOURCES.get(name, name)
+                job.report.record(name, "ignored", f"the gateway sets {name} from {source}")
         return native.body
 
-    def _put_size(self, call: _Call, native: NativeBody) -> None:
-        job, model = call.job, call.model
+    def _put_size(self, job: sdk.ImageJob, model: FalModel, native: sdk.NativeBody) -> None:
         if job.width is None or job.height is None:
             return  # no size layer in the stack: fal's default size
         size = (job.width, job.height)
@@ -280,104 +202,84 @@ class FalProvider:
         elif model.custom_sizes:
             value = {"width": job.width, "height": job.height}
         else:
-            raise InvalidRequest(
+            raise sdk.InvalidRequest(
                 f"This model's provider makes only {', '.join(model.size_names.values())} "
                 f"sizes; {job.width}x{job.height} is not one of them.",
                 param="size",
             )
         native.body[model.size_field] = value
-        _note_size(job, f"sent as {model.size_field}={json.dumps(value, separators=(',', ':'))}")
+        sdk.report_size_form(job, f"{model.size_field}={json.dumps(value, separators=(',', ':'))}")
 
-    # --- the two protocols ----------------------------------------------------------
+    # --- the queue ------------------------------------------------------------------
 
-    async def _run_sync(self, call: _Call, url: str, body: dict[str, Any]) -> Any:
-        response = await self._send(call, "POST", url, json=body)
-        if response.status_code != 200:
-            raise self._error(call, response)
-        return _json(response, "output")
-
-    async def _run_queued(self, call: _Call, url: str, body: dict[str, Any]) -> Any:
-        response = await self._send(call, "POST", url, json=body)
+    async def _run_queued(
+        self,
+        job: sdk.ImageJob,
+        entry: Entry,
+        upstream: sdk.Upstream,
+        url: str,
+        body: dict[str, Any],
+    ) -> Any:
+        response = await upstream.request("POST", url, json=body)
         if response.status_code not in (200, 201, 202):
-            raise self._error(call, response)
-        ticket = _json(response, "queue ticket")
+            raise self._error(job, entry, upstream, response)
+        ticket = upstream.json_object(response, "queue ticket")
         status_url, response_url, cancel_url = (
             _url_in(ticket, name) for name in ("status_url", "response_url", "cancel_url")
         )
-        for name, url in (
-            ("status_url", status_url),
-            ("response_url", response_url),
-            ("cancel_url", cancel_url),
+        # All three get the key: refuse a ticket naming a foreign host before any is used.
+        for name, handed_back in zip(
+            ("status_url", "response_url", "cancel_url"),
+            (status_url, response_url, cancel_url),
+            strict=True,
         ):
-            call.hosts.check(url, name)
-        await self._report(call, ticket)
+            await upstream.check_handed_back(handed_back, name)
+        await self._report(job, ticket)
+        seen_logs = 0
+
+        async def read(answer: httpx.Response) -> dict[str, Any] | None:
+            nonlocal seen_logs
+            status = upstream.json_object(answer, "status")
+            state = status.get("status")
+            if not isinstance(state, str):
+                raise sdk.UpstreamError("fal answered a status poll without a status.")
+            await self._report(job, status)
+            seen_logs = _log_lines(status, seen_logs, upstream)
+            if state == COMPLETED:
+                return status
+            if state not in WAITING:
+                raise sdk.UpstreamError(f"fal reported an unknown status {state!r}.")
+            return None
 
         async def cancel() -> None:
-            await self._runtime.fetcher.check_url(cancel_url)
-            answer = await self._runtime.http.put(cancel_url, headers=call.headers)
+            answer = await upstream.request("PUT", cancel_url, handed_back="cancel_url")
             logger.info("cancelled fal request (HTTP %d)", answer.status_code)
 
-        # The poll timeout sits outside the cancel guard so that giving up cancels the task too.
-        with call.options.deadline("fal request"):
-            async with cancel_upstream_on_exit(cancel):
-                final = await self._poll(call, status_url, response.headers.get("retry-after"))
-
-        await self._runtime.fetcher.check_url(response_url)
-        result = await self._send(call, "GET", response_url)
+        final = await sdk.poll(
+            upstream,
+            status_url,
+            read,
+            options=entry.options,
+            task="fal request",
+            cancel=cancel,
+            retry_after=response.headers.get("retry-after"),
+            params={"logs": "1"} if entry.options.logs else None,
+        )
+        result = await upstream.request("GET", response_url, handed_back="response_url")
         if result.status_code != 200:
             # A failed run's result URL carries fal's real error (status and detail).
-            raise self._error(call, result)
+            raise self._error(job, entry, upstream, result)
         if final.get("error"):
-            raise _run_failure(final, call.key)
-        return _json(result, "output")
+            error_type = final.get("error_type")
+            kind = error_type if isinstance(error_type, str) else "run_failed"
+            raise _infrastructure_error(kind, str(final["error"]))
+        return upstream.json(result, "output")
 
-    async def _poll(self, call: _Call, status_url: str, retry_after: str | None) -> dict[str, Any]:
-        options = call.options
-        backoff = options.backoff()
-        params = {"logs": "1"} if options.logs else None
-        seen_logs = 0
-        transient = 0
-        await self._runtime.fetcher.check_url(status_url)
-        while True:
-            await backoff.wait(retry_after)
-            response = await self._send(call, "GET", status_url, params=params)
-            retry_after = response.headers.get("retry-after")
-            if response.status_code in TRANSIENT_POLL_STATUSES:
-                transient += 1
-                if transient <= MAX_TRANSIENT_POLLS:
-                    continue
-            if response.status_code not in (200, 202):
-                raise self._error(call, response)
-            transient = 0
-            status = _json(response, "status")
-            if not isinstance(status, dict) or not isinstance(status.get("status"), str):
-                raise UpstreamError("fal answered a status poll without a status.")
-            await self._report(call, status)
-            seen_logs = _log_lines(status, seen_logs)
-            if status["status"] == COMPLETED:
-                return status
-            if status["status"] not in WAITING:
-                raise UpstreamError(f"fal reported an unknown status {status['status']!r}.")
-
-    async def _send(
-        self,
-        call: _Call,
-        method: str,
-        url: str,
-        *,
-        json: Any = None,
-        params: dict[str, str] | None = None,
-    ) -> httpx.Response:
-        with upstream_transport_errors(self.name):
-            return await self._runtime.http.request(
-                method, url, json=json, params=params, headers=call.headers
-            )
-
-    async def _report(self, call: _Call, status: dict[str, Any]) -> None:
+    async def _report(self, job: sdk.ImageJob, status: dict[str, Any]) -> None:
         position = status.get("queue_position")
         state = str(status.get("status", "IN_QUEUE"))
-        await call.job.progress(
-            Progress(
+        await job.progress(
+            sdk.Progress(
                 provider=self.name,
                 status=state,
                 queue_position=position if isinstance(position, int) else None,
@@ -387,39 +289,38 @@ class FalProvider:
 
     # --- output -------------------------------------------------------------------
 
-    def _images(self, call: _Call, output: Any) -> list[GeneratedImage]:
+    async def _images(self, job: sdk.ImageJob, output: Any) -> list[sdk.GeneratedImage]:
         items = output.get("images") if isinstance(output, dict) else None
         if not isinstance(items, list) or not items:
-            raise UpstreamError("fal answered without any images.")
+            raise sdk.UpstreamError("fal answered without any images.")
         flags = output.get("has_nsfw_concepts")
-        checker_on = call.job.fields.get("enable_safety_checker") is not False
+        checker_on = job.fields.get("enable_safety_checker") is not False
         if checker_on and isinstance(flags, list) and any(flag is True for flag in flags):
             # fal's safety checker blanks flagged images. A request gets n usable images or
             # an error, never fewer or blank ones; with the checker off the flags are advisory.
             flagged = sum(flag is True for flag in flags)
-            raise ContentPolicyViolation(
+            raise sdk.ContentPolicyViolation(
                 f"fal's safety checker flagged {flagged} of {len(items)} generated image(s) "
                 "as not safe for work; no images are returned."
             )
-        if len(items) < call.job.n:
-            raise UpstreamError(
-                f"fal returned {len(items)} image(s) where {call.job.n} were asked."
-            )
+        if len(items) < job.n:
+            raise sdk.UpstreamError(f"fal returned {len(items)} image(s) where {job.n} were asked.")
         seed = output.get("seed")
         images = []
-        for item in items[: call.job.n]:
+        for item in items[: job.n]:
             url = item.get("url") if isinstance(item, dict) else None
             if not isinstance(url, str):
-                raise UpstreamError("fal returned an image entry without a URL.")
+                raise sdk.UpstreamError("fal returned an image entry without a URL.")
             width, height = item.get("width"), item.get("height")
-            image = GeneratedImage(
+            image = sdk.GeneratedImage(
                 seed=seed if isinstance(seed, int) else None,
                 width=width if isinstance(width, int) else None,
                 height=height if isinstance(height, int) else None,
             )
             if url.startswith("data:"):
-                # sync_mode: the image is inline. Bytes, so no data: URI travels further.
-                image.data = _decode_data_uri(url)
+                # sync_mode: the image is inline. Bytes (size-capped), so no data: URI
+                # travels further.
+                image.data = await self.runtime.fetcher.fetch(url)
             else:
                 image.url = url
             images.append(image)
@@ -427,115 +328,64 @@ class FalProvider:
 
     # --- errors -------------------------------------------------------------------
 
-    def _error(self, call: _Call, response: httpx.Response) -> GatewayError:
-        status = response.status_code
-        if status in (401, 402, 403, 429):
-            return error_for_status(response, provider=self.name, secrets=[call.key])
+    def _error(
+        self, job: sdk.ImageJob, entry: Entry, upstream: sdk.Upstream, response: httpx.Response
+    ) -> sdk.GatewayError:
+        if response.status_code in (401, 402, 403, 429):
+            return upstream.error(response)
         try:
             body = response.json()
         except (ValueError, UnicodeDecodeError):
             body = None
         detail = body.get("detail") if isinstance(body, dict) else None
-        items = (
-            [item for item in detail if isinstance(item, dict)] if isinstance(detail, list) else []
-        )
+        items = [i for i in detail if isinstance(i, dict)] if isinstance(detail, list) else []
         for item in items:
             if item.get("type") == "content_policy_violation":
-                return ContentPolicyViolation(
+                return sdk.ContentPolicyViolation(
                     "fal's content checker refused the request: "
-                    + redact(str(item.get("msg", "content policy violation")), [call.key])
+                    + str(item.get("msg", "content policy violation"))
                 )
         error_type = response.headers.get("x-fal-error-type") or (
             body.get("error_type") if isinstance(body, dict) else None
         )
         if isinstance(error_type, str) and error_type:
-            return _infrastructure_error(error_type, detail, call.key)
+            return _infrastructure_error(error_type, detail if isinstance(detail, str) else None)
         for item in items:
             fault = UPSTREAM_FAULTS.get(str(item.get("type")))
             if fault is not None:
-                return fault(f"fal failed: {_item_text(item, call.key)} ({item.get('type')}).")
-        if status in (400, 422) and items:
-            item = items[0]
-            return InvalidRequest(
-                f"fal rejected the request: {_item_text(item, call.key)}",
-                param=_public_param(call, item.get("loc")),
-            )
-        return error_for_status(response, provider=self.name, secrets=[call.key])
+                return fault(f"fal failed: {_item_text(item)} ({item.get('type')}).")
+        return upstream.error(response, job, size_fields=frozenset({entry.spec.size_field}))
 
 
-def _note_size(job: ImageJob, detail: str) -> None:
-    """Add fal's size field to the report of whichever size parameter the client sent."""
-    sent = job.request.model_fields_set
-    for param in SIZE_PARAMS:
-        if param not in sent or getattr(job.request, param) is None:
-            continue
-        entry = job.report.get(param)
-        if entry is None:
-            job.report.record(param, "converted", detail)
-        elif entry.handling == "passthrough":
-            # "1024x768" went out as a preset name or a width/height object: converted.
-            job.report.record(param, "converted", f"{entry.detail}; {detail}")
-        elif entry.handling != "ignored":
-            job.report.record(param, entry.handling, f"{entry.detail}; {detail}")
-
-
-def _public_param(call: _Call, loc: Any) -> str | None:
-    """The client's name for the fal field a validation error points at."""
-    if not isinstance(loc, list) or len(loc) < 2 or loc[0] != "body":
-        return None
-    return public_param(call.job, str(loc[1]), size_fields=frozenset({call.model.size_field}))
-
-
-def _item_text(item: dict[str, Any], key: str) -> str:
+def _item_text(item: dict[str, Any]) -> str:
     loc = item.get("loc")
     where = ".".join(str(part) for part in loc[1:]) if isinstance(loc, list) else ""
     message = str(item.get("msg", "invalid input"))
-    return redact(f"{where}: {message}" if where else message, [key])
+    return f"{where}: {message}" if where else message
 
 
-def _infrastructure_error(error_type: str, detail: Any, key: str) -> UpstreamError:
-    text = redact(detail if isinstance(detail, str) else error_type, [key])
+def _infrastructure_error(error_type: str, detail: str | None) -> sdk.UpstreamError:
+    text = detail or error_type
     if error_type.endswith("_timeout"):
-        return UpstreamTimeout(f"fal timed out ({error_type}): {text}")
-    return UpstreamError(f"fal failed ({error_type}): {text}")
+        return sdk.UpstreamTimeout(f"fal timed out ({error_type}): {text}")
+    return sdk.UpstreamError(f"fal failed ({error_type}): {text}")
 
 
-def _run_failure(status: dict[str, Any], key: str) -> UpstreamError:
-    error_type = status.get("error_type")
-    return _infrastructure_error(
-        error_type if isinstance(error_type, str) else "run_failed", str(status["error"]), key
-    )
-
-
-def _json(response: httpx.Response, what: str) -> Any:
-    return upstream_json(response, provider="fal", what=what)
-
-
-def _url_in(ticket: Any, name: str) -> str:
-    value = ticket.get(name) if isinstance(ticket, dict) else None
+def _url_in(ticket: dict[str, Any], name: str) -> str:
+    value = ticket.get(name)
     if not isinstance(value, str) or not value:
-        raise UpstreamError(f"fal's queue ticket has no {name}.")
+        raise sdk.UpstreamError(f"fal's queue ticket has no {name}.")
     return value
 
 
-def _log_lines(status: dict[str, Any], seen: int) -> int:
+def _log_lines(status: dict[str, Any], seen: int, upstream: sdk.Upstream) -> int:
     logs = status.get("logs")
     if not isinstance(logs, list):
         return seen
     for entry in logs[seen:]:
         message = entry.get("message") if isinstance(entry, dict) else entry
-        logger.debug("fal: %s", message)
+        logger.debug("fal: %s", upstream.redact(str(message)))
     return max(seen, len(logs))
-
-
-def _decode_data_uri(uri: str) -> bytes:
-    header, _, payload = uri.partition(",")
-    if not header.endswith(";base64"):
-        raise UpstreamError("fal returned an inline image that is not base64.")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise UpstreamError("fal returned a malformed inline image.") from None
 
 
 __all__ = ["MODELS", "FalModel", "FalOptions", "FalProvider"]

@@ -46,6 +46,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flux_proxy import sdk
+
 DEFAULT_KEY = "emulator-key"
 MODERATION_TRIGGER = "moderate"
 FAILURE_TRIGGER = "crash"
@@ -88,19 +90,7 @@ def _one_megapixel_sizes(ratios: tuple[str, ...], multiple: int) -> dict[str, tu
 
 
 PRO_RATIOS = ("1:1", "16:9", "3:2", "2:3", "4:5", "5:4", "9:16", "3:4", "4:3")
-ULTRA_SIZES: dict[str, tuple[int, int]] = {
-    "21:9": (3136, 1344),
-    "16:9": (2752, 1536),
-    "3:2": (2496, 1664),
-    "4:3": (2368, 1792),
-    "5:4": (2304, 1856),
-    "1:1": (2048, 2048),
-    "4:5": (1856, 2304),
-    "3:4": (1792, 2368),
-    "2:3": (1664, 2496),
-    "9:16": (1536, 2752),
-    "9:21": (1344, 3136),
-}
+ULTRA_SIZES: dict[str, tuple[int, int]] = dict(sdk.FLUX_ULTRA_SIZES)
 
 # The input schemas (version 96ccd0e7 of flux-1.1-pro; flux-1.1-pro-ultra as published).
 SCHEMAS: dict[str, ModelSchema] = {
