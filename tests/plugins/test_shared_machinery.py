@@ -138,7 +138,7 @@ def test_upstream_message_redacts_before_it_clips() -> None:
 
 @pytest.mark.anyio
 async def test_the_revised_prompt_and_streamed_progress_never_carry_the_key() -> None:
-    pending = (200, {"id": "t1", "status": f"Pending {KEY}", "progress": 0.5}, {})
+    pending: PollAnswer = (200, {"id": "t1", "status": f"Pending {KEY}", "progress": 0.5}, {})
     upstream = hostile_bfl([pending, ready(prompt=f"a heron, by {KEY}", seed=3)])
     app = gateway("bfl", upstream)
     response = await post(app, response_format="b64_json")
