@@ -20,7 +20,14 @@ import anyio
 from starlette.responses import Response, StreamingResponse
 
 from flux_proxy.config import Settings
-from flux_proxy.errors import GatewayError, InternalError, UpstreamTimeout
+from flux_proxy.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE, sniff_format
 from flux_proxy.pipeline import Stack
 from flux_proxy.routing import ModelRoute, ProviderRoute
 from flux_proxy.schema import (
@@ -37,8 +44,10 @@ logger = logging.getLogger("flux_proxy")
 
 REPORT_HEADER = "x-flux-proxy-params"
 PROVIDER_HEADER = "x-flux-proxy-provider"
-# ImagesResponse.output_format admits only these (OpenAI spec).
+# ImagesResponse.output_format and the stream events' output_format admit only these,
+# and the stream events' size only these (OpenAI spec).
 SPEC_OUTPUT_FORMATS = frozenset({"png", "webp", "jpeg"})
+SPEC_EVENT_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024"})
 
 
 class Generator:
@@ -52,6 +61,16 @@ class Generator:
         self._stack.check(job)
         # The provider's own refusals too (BFL's webhook_url, say): a 400, not an SSE error.
         job.route.provider.check(job)
+        if request.stream and self._stack.honours("output_format"):
+            target = request.target_format or self._settings.defaults.output_format
+            if target not in SPEC_OUTPUT_FORMATS:
+                # The completed event must name its format, from OpenAI's three.
+                raise InvalidRequest(
+                    f"output_format {target!r} cannot be streamed: OpenAI's "
+                    "image_generation.completed event names png, webp or jpeg only. "
+                    "Ask without stream for this format.",
+                    param="output_format",
+                )
 
     async def generate(
         self,
@@ -209,7 +228,8 @@ def render_stream(
 
 
 def progress_event(progress: Progress) -> dict[str, Any]:
-    if progress.preview is not None:
+    preview_format = sniff_format(progress.preview) if progress.preview is not None else None
+    if progress.preview is not None and preview_format in SPEC_OUTPUT_FORMATS:
         return {
             "type": "image_generation.partial_image",
             "b64_json": base64.b64encode(progress.preview).decode("ascii"),
@@ -217,9 +237,10 @@ def progress_event(progress: Progress) -> dict[str, Any]:
             "size": "auto",
             "quality": "auto",
             "background": "auto",
-            "output_format": "png",
+            "output_format": preview_format,
             "partial_image_index": 0,
         }
+    # No preview, or one in a format the partial_image event cannot name.
     return {
         "type": "flux_proxy.progress",
         "provider": progress.provider,
@@ -230,15 +251,25 @@ def progress_event(progress: Progress) -> dict[str, Any]:
 
 
 def completed_event(image: GeneratedImage, result: ImageResult) -> dict[str, Any]:
+    """OpenAI's ``ImageGenCompletedEvent``: every value within the spec's enums.
+
+    The size is named only when it is one of OpenAI's; otherwise ``auto`` (the
+    image itself says its size). A hosted image's link rides along as ``url``.
+    """
+    size = f"{image.width}x{image.height}"
+    fmt = FORMAT_OF_MEDIA_TYPE.get(image.media_type or "") or result.output_format or "png"
+    if fmt not in SPEC_OUTPUT_FORMATS:  # Generator.check refuses what it can foresee
+        raise UpstreamError(
+            f"The provider made a {fmt} image, which OpenAI's stream events cannot name."
+        )
     event: dict[str, Any] = {
         "type": "image_generation.completed",
-        # An upstream URL returned as it is (store.return_upstream_urls) has no bytes here.
-        "b64_json": _b64(image) if image.data is not None else None,
+        "b64_json": _b64(image),
         "created_at": int(time.time()),
-        "size": f"{image.width}x{image.height}" if image.width else "auto",
+        "size": size if size in SPEC_EVENT_SIZES else "auto",
         "quality": "auto",
         "background": "auto",
-        "output_format": result.output_format or "png",
+        "output_format": fmt,
         "usage": {
             "input_tokens": 0,
             "output_tokens": 0,

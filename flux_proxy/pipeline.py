@@ -94,6 +94,9 @@ class Stack:
             call = partial(layer, call_next=call)
         self._call = call
 
+    def honours(self, param: str) -> bool:
+        return any(param in layer.honours for layer in self.layers)
+
     def check(self, job: ImageJob) -> None:
         self._guard(job)
         for layer in self.layers:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-ROOTS = ["ErrorResponse", "ImagesResponse", "ListModelsResponse", "Model"]
+ROOTS = ["ErrorResponse", "ImagesResponse", "ListModelsResponse", "Model", "ImageGenStreamEvent"]
 OUT = Path(__file__).with_name("openai_schemas.json")
 
 

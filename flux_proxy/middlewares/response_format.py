@@ -24,7 +24,9 @@ class ResponseFormatMiddleware(Layer):
         result = await call_next(job)
         hosted = kept = 0
         for image in result.images:
-            if self._keep_upstream_urls and wanted == "url" and _is_web_url(image.url):
+            # A streamed completed event carries the image's bytes whatever the format.
+            keep = self._keep_upstream_urls and not job.request.stream
+            if keep and wanted == "url" and _is_web_url(image.url):
                 kept += 1
                 continue
             await self._with_bytes(image)
