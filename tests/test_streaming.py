@@ -77,7 +77,7 @@ def test_invalid_streaming_request_is_a_plain_400(gateway: str) -> None:
     assert response.json()["error"]["param"] == "size"
 
 
-def test_a_spec_size_is_named_in_the_completed_event(gateway: str):
+def test_a_spec_size_is_named_in_the_completed_event(gateway: str) -> None:
     events = stream_events(
         gateway, {"prompt": "x", "size": "1024x1024", "output_format": "jpeg", "stream": True}
     )
@@ -87,7 +87,7 @@ def test_a_spec_size_is_named_in_the_completed_event(gateway: str):
 
 
 @pytest.mark.parametrize("fmt", ["avif", "gif"])
-def test_a_format_the_stream_events_cannot_name_is_a_plain_400(gateway: str, fmt: str):
+def test_a_format_the_stream_events_cannot_name_is_a_plain_400(gateway: str, fmt: str) -> None:
     response = httpx.post(
         f"{gateway}/v1/images/generations",
         json={"prompt": "x", "size": "64x64", "output_format": fmt, "stream": True},
