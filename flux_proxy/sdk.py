@@ -5,6 +5,8 @@ from flux_proxy, so the core can move its insides without breaking plugins. This
 module only re-exports; core modules never import it (the import graph stays a tree).
 
 - hooks: :data:`hookimpl`, ``Register*`` (see flux_proxy/hookspecs.py)
+- layers: :class:`Layer` (effects, honoured parameters, an options model),
+  :class:`NoOptions`, :data:`CallNext`; :func:`decode_image` for layers that change pixels
 - providers: :class:`UpstreamProvider` (key, base URL, options, the upstream line),
   :class:`ModelSpec`, :class:`ProviderOptions`, :class:`PollingOptions`
 - jobs and results: :class:`ImageJob`, :class:`GeneratedImage`, :class:`ImageResult`,
@@ -54,7 +56,8 @@ from flux_proxy.hookspecs import (
     hookimpl,
 )
 from flux_proxy.hosts import KeyHosts
-from flux_proxy.pipeline import CallNext
+from flux_proxy.imaging import decode as decode_image
+from flux_proxy.pipeline import CallNext, Effect, Layer, NoOptions
 from flux_proxy.polling import (
     Backoff,
     PollingOptions,
@@ -95,6 +98,7 @@ __all__ = [
     "Capabilities",
     "ConfigError",
     "ContentPolicyViolation",
+    "Effect",
     "EmulatorFactory",
     "FieldRule",
     "GatewayError",
@@ -105,9 +109,11 @@ __all__ = [
     "ImageResult",
     "InvalidRequest",
     "KeyHosts",
+    "Layer",
     "ModelEntry",
     "ModelSpec",
     "NativeBody",
+    "NoOptions",
     "OutputFormat",
     "PollingOptions",
     "Progress",
@@ -127,6 +133,7 @@ __all__ = [
     "UpstreamTimeout",
     "cancel_upstream_on_exit",
     "client_sent",
+    "decode_image",
     "error_for_status",
     "flux_ultra_capabilities",
     "hookimpl",

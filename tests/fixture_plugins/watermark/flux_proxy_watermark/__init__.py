@@ -12,12 +12,18 @@ from typing import Literal
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field
 
-from flux_proxy.errors import ContentPolicyViolation
-from flux_proxy.hookspecs import RegisterMiddleware, hookimpl
-from flux_proxy.imaging import decode
-from flux_proxy.pipeline import CallNext, Layer
-from flux_proxy.runtime import Runtime
-from flux_proxy.schema import GeneratedImage, ImageJob, ImageResult
+from flux_proxy.sdk import (
+    CallNext,
+    ContentPolicyViolation,
+    GeneratedImage,
+    ImageJob,
+    ImageResult,
+    Layer,
+    RegisterMiddleware,
+    Runtime,
+    decode_image,
+    hookimpl,
+)
 
 Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
 
@@ -56,7 +62,7 @@ class WatermarkLayer(Layer):
 
 
 def stamp(source: Image.Image | bytes, options: WatermarkOptions) -> Image.Image:
-    image = (decode(source) if isinstance(source, bytes) else source).convert("RGB")
+    image = (decode_image(source) if isinstance(source, bytes) else source).convert("RGB")
     side = max(1, round(min(image.size) * options.size))
     left = 0 if options.corner.endswith("left") else image.width - side
     top = 0 if options.corner.startswith("top") else image.height - side
