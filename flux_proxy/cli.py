@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 from flux_proxy.config import ConfigError, load_settings
 from flux_proxy.logs import install_url_filter
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flux-proxy", description="OpenAI-compatible image-generation gateway."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('flux-proxy')}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+import flux_proxy
 from tests.images import assert_image, data_of
 
 SCRIPT = Path(sys.executable).with_name("flux-proxy")
@@ -150,6 +152,15 @@ def test_python_dash_m_runs_the_same_cli():
     )
     assert result.returncode == 0, result.stderr
     assert "--port" in result.stdout and "--config" in result.stdout
+
+
+def test_version_is_the_installed_distributions():
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    with (Path(__file__).parents[1] / "pyproject.toml").open("rb") as project:
+        declared = tomllib.load(project)["project"]["version"]
+    assert result.stdout.strip() == f"flux-proxy {declared}"
+    assert flux_proxy.__version__ == declared
 
 
 def test_no_subcommand_is_a_usage_error():
