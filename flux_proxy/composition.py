@@ -191,7 +191,7 @@ class StackGuard:
                 )
 
     def _check_native_n(self, job: ImageJob) -> None:
-        per_call = job.route.capabilities.max_images_per_call
+        per_call = job.target.capabilities.max_images_per_call
         if job.request.n > per_call:
             raise self._refuse(
                 "n",

@@ -29,7 +29,7 @@ from flux_proxy.errors import (
 )
 from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE, sniff_format
 from flux_proxy.pipeline import Stack
-from flux_proxy.routing import ModelRoute, ProviderRoute
+from flux_proxy.routing import ModelRoute
 from flux_proxy.schema import (
     GeneratedImage,
     ImageJob,
@@ -38,6 +38,7 @@ from flux_proxy.schema import (
     Progress,
     ProgressSink,
     Report,
+    Target,
 )
 
 logger = logging.getLogger("flux_proxy")
@@ -60,7 +61,7 @@ class Generator:
         job = self._job(request, model.targets[0], public_url)
         self._stack.check(job)
         # The provider's own refusals too (BFL's webhook_url, say): a 400, not an SSE error.
-        job.route.provider.check(job)
+        job.target.provider.check(job)
         if request.stream and self._stack.honours("output_format"):
             target = request.target_format or self._settings.defaults.output_format
             if target not in SPEC_OUTPUT_FORMATS:
@@ -132,10 +133,10 @@ class Generator:
         raise InternalError("The model has no providers.")  # pragma: no cover - config forbids
 
     @staticmethod
-    def _job(request: ImageRequest, target: ProviderRoute, public_url: str) -> ImageJob:
+    def _job(request: ImageRequest, target: Target, public_url: str) -> ImageJob:
         return ImageJob(
             request=request,
-            route=target,
+            target=target,
             report=Report(),
             public_url=public_url,
             n=request.n,

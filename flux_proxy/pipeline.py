@@ -109,7 +109,7 @@ class Stack:
 
 async def call_provider(job: ImageJob) -> ImageResult:
     """The innermost layer: the provider's own call."""
-    provider = job.route.provider
+    provider = job.target.provider
     images = await provider.generate(job)
     if len(images) < job.n:
         raise UpstreamError(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-from flux_proxy import hookspecs
+import flux_proxy.hookspecs as hookspecs
 from flux_proxy.hookspecs import EmulatorFactory
 from flux_proxy.pipeline import LayerClass
 from flux_proxy.providers.base import ProviderFactory

@@ -4,38 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flux_proxy.capabilities import Capabilities
 from flux_proxy.config import ConfigError, ModelConfig, ProviderConfig, Settings
 from flux_proxy.errors import ModelNotFound
 from flux_proxy.providers.base import Provider
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderRoute:
-    """One provider serving one public model: what the middlewares and the provider see."""
-
-    model: str  # the configured public name (aliases resolve to it)
-    config: ProviderConfig
-    provider: Provider
-    capabilities: Capabilities
-
-    @property
-    def upstream_model(self) -> str:
-        # A provider may name its usual model (``default_model``); else the public name.
-        default = getattr(self.provider, "default_model", None)
-        return self.config.upstream_model or default or self.model
+from flux_proxy.schema import Target
 
 
 @dataclass(frozen=True, slots=True)
 class ModelRoute:
     name: str
     config: ModelConfig
-    targets: list[ProviderRoute]  # in failover order
-
-    @property
-    def description(self) -> str:
-        first = self.targets[0]
-        return self.config.description or first.provider.description(first.config)
+    targets: list[Target]  # in failover order; plain data, as jobs carry them
+    description: str
 
     @property
     def owned_by(self) -> str:
@@ -51,7 +31,9 @@ class Router:
                 _target(name, index, config, providers)
                 for index, config in enumerate(model.providers)
             ]
-            route = ModelRoute(name, model, targets)
+            first = providers[model.providers[0].provider]
+            description = model.description or first.description(model.providers[0])
+            route = ModelRoute(name, model, targets, description)
             self._routes[name] = route
             for public in (name, *model.aliases):
                 if public in self._by_name:
@@ -76,7 +58,7 @@ class Router:
 
 def _target(
     name: str, index: int, config: ProviderConfig, providers: dict[str, Provider]
-) -> ProviderRoute:
+) -> Target:
     where = f"models.{name}" if index == 0 else f"models.{name}.providers.{index}"
     provider = providers.get(config.provider)
     if provider is None:
@@ -92,7 +74,9 @@ def _target(
         capabilities = declared.with_overrides(config.capabilities)
     except ValueError as exc:
         raise ConfigError(f"{where}.capabilities: {_first_line(exc)}") from None
-    return ProviderRoute(name, config, provider, capabilities)
+    # A provider may name its usual model (``default_model``); else the public name.
+    upstream_model = config.upstream_model or getattr(provider, "default_model", None) or name
+    return Target(name, upstream_model, config, capabilities, provider)
 
 
 def _first_line(exc: Exception) -> str:

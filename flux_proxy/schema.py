@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -25,12 +25,14 @@ from pydantic import (
     model_validator,
 )
 
+from flux_proxy.capabilities import Capabilities
+from flux_proxy.config import ProviderConfig
+from flux_proxy.fields import Handling
+
 if TYPE_CHECKING:
     from PIL import Image
 
-    from flux_proxy.routing import ProviderRoute
-
-Handling = Literal["passthrough", "renamed", "converted", "emulated", "ignored"]
+__all__ = ["Handling"]  # re-exported: the report's vocabulary lives with the field rules
 
 # Public spellings of output formats, mapped to the one the gateway uses.
 FORMAT_ALIASES: dict[str, str] = {"jpg": "jpeg"}
@@ -213,12 +215,35 @@ async def _ignore_progress(progress: Progress) -> None:
     del progress
 
 
+class ProviderHandle(Protocol):
+    """What a job needs of the provider serving it (the full interface is
+    ``providers.base.Provider``): a name for reports, a check, the call."""
+
+    @property
+    def name(self) -> str: ...
+
+    def check(self, job: ImageJob) -> None: ...
+
+    async def generate(self, job: ImageJob) -> list[GeneratedImage]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The provider serving one attempt, as plain data: what layers and providers read."""
+
+    model: str  # the configured public name (aliases resolve to it)
+    upstream_model: str  # the provider's own name for it
+    config: ProviderConfig
+    capabilities: Capabilities
+    provider: ProviderHandle
+
+
 @dataclass(frozen=True, slots=True)
 class ImageJob:
     """One request as the layers below should carry it out."""
 
     request: ImageRequest  # as the client sent it; never changed
-    route: ProviderRoute  # the provider serving this attempt
+    target: Target  # the provider serving this attempt
     report: Report
     # Base URL under which the gateway serves its own routes (for hosted images).
     public_url: str

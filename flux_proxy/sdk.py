@@ -40,14 +40,7 @@ from flux_proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from flux_proxy.fields import (
-    SIZE_PARAMS,
-    FieldRule,
-    NativeBody,
-    client_sent,
-    public_param,
-    report_size_form,
-)
+from flux_proxy.fields import FieldRule
 from flux_proxy.hookspecs import (
     EmulatorFactory,
     RegisterEmulator,
@@ -57,6 +50,13 @@ from flux_proxy.hookspecs import (
 )
 from flux_proxy.hosts import KeyHosts
 from flux_proxy.imaging import decode as decode_image
+from flux_proxy.native_body import (
+    SIZE_PARAMS,
+    NativeBody,
+    client_sent,
+    public_param,
+    report_size_form,
+)
 from flux_proxy.pipeline import CallNext, Effect, Layer, NoOptions
 from flux_proxy.polling import (
     Backoff,
@@ -83,6 +83,7 @@ from flux_proxy.schema import (
     ImageResult,
     Progress,
     Report,
+    Target,
 )
 from flux_proxy.upstream import MAX_MESSAGE, Upstream, error_for_status, validation_error
 
@@ -127,6 +128,7 @@ __all__ = [
     "Report",
     "Runtime",
     "SizeSupport",
+    "Target",
     "Upstream",
     "UpstreamError",
     "UpstreamProvider",

@@ -27,8 +27,8 @@ from flux_proxy.errors import (
     UpstreamTimeout,
     redact,
 )
-from flux_proxy.fields import public_param
 from flux_proxy.hosts import KeyHosts
+from flux_proxy.native_body import public_param
 
 if TYPE_CHECKING:
     from flux_proxy.schema import ImageJob

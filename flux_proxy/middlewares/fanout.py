@@ -30,7 +30,7 @@ class FanOutMiddleware(Layer):
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
         n = job.request.n
-        per_call = job.route.capabilities.max_images_per_call
+        per_call = job.target.capabilities.max_images_per_call
         sent = job.request.model_fields_set
         if n <= per_call:
             if "n" in sent:

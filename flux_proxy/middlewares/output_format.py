@@ -66,7 +66,7 @@ class OutputFormatMiddleware(Layer):
         plan = plan_format(
             request.target_format or self._default,
             self._quality if compression is None else compression,
-            job.route.capabilities,
+            job.target.capabilities,
         )
         self._report(job, plan)
         result = await call_next(

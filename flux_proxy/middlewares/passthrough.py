@@ -20,13 +20,13 @@ class PassthroughMiddleware(Layer):
     forwards_unknown_fields = True
 
     def check(self, job: ImageJob) -> None:
-        rules = job.route.capabilities.fields
+        rules = job.target.capabilities.fields
         for param, value in job.fields.items():
             convert(param, value, rules.get(param))
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
-        rules = job.route.capabilities.fields
-        provider = job.route.provider.name
+        rules = job.target.capabilities.fields
+        provider = job.target.provider.name
         fields: dict[str, Any] = {}
         for param, value in job.fields.items():
             name, native = convert(param, value, rules.get(param))

@@ -48,13 +48,13 @@ class SizeMiddleware(Layer):
             size=size,
             aspect_ratio=aspect_ratio,
             resolution=request.resolution,
-            capabilities=job.route.capabilities,
+            capabilities=job.target.capabilities,
             limits=self._limits,
         )
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
         target = self._target(job)
-        width, height = native_size(target.width, target.height, job.route.capabilities.sizes)
+        width, height = native_size(target.width, target.height, job.target.capabilities.sizes)
         self._report(job, target, (width, height))
         fields = job.fields
         if _pixel_fields(job) is not None and job.request.size in (None, "auto"):

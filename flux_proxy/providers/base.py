@@ -201,7 +201,7 @@ class UpstreamProvider(Generic[SpecT, OptionsT]):
 
     async def generate(self, job: ImageJob) -> list[GeneratedImage]:
         self.check(job)
-        entry = self.entry(job.route.config)
+        entry = self.entry(job.target.config)
         upstream = self.upstream(job, entry)
         sink = job.progress
 

@@ -47,7 +47,7 @@ class LocalRenderer:
 
     async def generate(self, job: ImageJob) -> list[GeneratedImage]:
         # No size layer in the stack: the model's declared default size.
-        default_width, default_height = job.route.capabilities.default_size
+        default_width, default_height = job.target.capabilities.default_size
         width, height = job.width or default_width, job.height or default_height
         fmt = job.output_format or "png"
         first_seed = job.seed if job.seed is not None else secrets.randbelow(2**31)

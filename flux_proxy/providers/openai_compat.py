@@ -20,8 +20,8 @@ from typing import Any, Literal
 from flux_proxy.capabilities import Capabilities
 from flux_proxy.config import ProviderConfig
 from flux_proxy.errors import UpstreamError
-from flux_proxy.fields import NativeBody
 from flux_proxy.hookspecs import RegisterProvider, hookimpl
+from flux_proxy.native_body import NativeBody
 from flux_proxy.providers.base import ModelEntry, ModelSpec, ProviderOptions, UpstreamProvider
 from flux_proxy.schema import GeneratedImage, ImageJob
 from flux_proxy.upstream import Upstream
@@ -61,7 +61,7 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
         return self._images(upstream.json(response, "request"), job)
 
     def _body(self, job: ImageJob, options: OpenAIOptions) -> dict[str, Any]:
-        route = job.route
+        route = job.target
         native = NativeBody(job)
         native.body["model"] = route.upstream_model
         native.put("prompt", job.request.prompt)
@@ -85,7 +85,7 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
         items = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(items, list) or not items:
             raise UpstreamError("The openai upstream answered without any images.")
-        sent_seed = job.route.capabilities.accepts_seed
+        sent_seed = job.target.capabilities.accepts_seed
         images = []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
