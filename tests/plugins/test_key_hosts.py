@@ -25,6 +25,7 @@ from flux_proxy_bfl.emulator import create_app as bfl_app
 from flux_proxy_fal.emulator import create_app as fal_app
 from flux_proxy_replicate.emulator import create_app as replicate_app
 from tests.images import assert_image
+from tests.in_process import generate
 from tests.openapi import assert_openai_error
 
 KEY = "provider-secret-0123456789abcdef"
@@ -82,20 +83,8 @@ def gateway(case: Case, upstream: Starlette, **options: Any) -> FluxProxy:
     )
 
 
-async def generate(app: FluxProxy) -> httpx.Response:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
-    ) as client:
-        return await client.post(
-            "/v1/images/generations",
-            json={
-                "model": "m",
-                "prompt": "a heron",
-                "size": "256x256",
-                "response_format": "b64_json",
-            },
-            timeout=20,
-        )
+async def post(app: FluxProxy) -> httpx.Response:
+    return await generate(app, model="m", prompt="a heron", size="256x256", **B64)
 
 
 def foreign_calls(case: Case, upstream: Starlette) -> list[Any]:
@@ -110,7 +99,7 @@ def foreign_calls(case: Case, upstream: Starlette) -> list[Any]:
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.provider)
 async def test_a_url_on_a_foreign_host_never_gets_the_key(case: Case) -> None:
     upstream = case.emulator(FOREIGN)
-    response = await generate(gateway(case, upstream))
+    response = await post(gateway(case, upstream))
     error = assert_openai_error(response, 502)
     assert "localhost" in error["message"] and "trusted_hosts" in error["message"]
     assert KEY not in response.text
@@ -123,7 +112,7 @@ async def test_a_url_on_a_foreign_host_never_gets_the_key(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.provider)
 async def test_a_host_listed_in_trusted_hosts_is_followed_with_the_key(case: Case) -> None:
     upstream = case.emulator(FOREIGN)
-    response = await generate(gateway(case, upstream, trusted_hosts=["localhost"]))
+    response = await post(gateway(case, upstream, trusted_hosts=["localhost"]))
     assert response.status_code == 200, response.text
     assert_image(base64.b64decode(response.json()["data"][0]["b64_json"]), "png", (256, 256))
     followed = foreign_calls(case, upstream)

@@ -28,6 +28,7 @@ from flux_proxy_bfl.emulator import create_app as bfl_app
 from flux_proxy_fal.emulator import create_app as fal_app
 from flux_proxy_replicate.emulator import create_app as replicate_app
 from tests.images import assert_image, make_image
+from tests.in_process import generate
 from tests.openapi import assert_openai_error
 
 KEY = "sk-provider-0123456789abcdefSECRET"
@@ -87,14 +88,7 @@ def gateway(
 
 
 async def post(app: FluxProxy, **body: Any) -> httpx.Response:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
-    ) as client:
-        return await client.post(
-            "/v1/images/generations",
-            json={"model": "m", "prompt": "a heron", "size": "256x256", **body},
-            timeout=20,
-        )
+    return await generate(app, **{"model": "m", "prompt": "a heron", "size": "256x256", **body})
 
 
 def report(response: httpx.Response) -> dict[str, dict[str, str]]:
