@@ -119,9 +119,7 @@ class Generator:
             if failed:
                 detail += " after " + ", ".join(failed) + " failed"
             result.report.record("model", "converted", detail)
-            for param in request.null_fields:
-                if result.report.get(param) is None:
-                    result.report.record(param, "ignored", "null: the default applies")
+            result.report.fill(request.null_fields, "ignored", "null: the default applies")
             if "stream" in request.model_fields_set:
                 if request.stream:
                     result.report.record(
@@ -170,9 +168,7 @@ def render_json(
 
 
 def report_headers(result: ImageResult, sent: list[str]) -> dict[str, str]:
-    for param in sent:
-        if result.report.get(param) is None:
-            result.report.record(param, "ignored", "not used by this model's provider")
+    result.report.fill(sent, "ignored", "not used by this model's provider")
     return {
         REPORT_HEADER: result.report.header_value(sent),
         PROVIDER_HEADER: result.provider,

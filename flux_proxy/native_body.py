@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flux_proxy.fields import Handling, convert, describe
+from flux_proxy.fields import convert, describe
 from flux_proxy.schema import ImageJob
 
 
@@ -29,13 +29,8 @@ class NativeBody:
         rule = capabilities.fields.get(param)
         name, native = convert(param, value, rule)
         self.body[name] = native
-        handling, detail = describe(param, value, name, native)
-        existing = self._job.report.get(param)
-        if existing is None and not client_sent(self._job, param):
-            return  # the gateway's own choice (a default format, say): nothing to report
-        # A middleware's emulation note is worth more than "sent unchanged".
-        if existing is None or (existing.handling == "passthrough" and handling != "passthrough"):
-            self._job.report.record(param, handling, detail)
+        if client_sent(self._job, param):  # else the gateway's own choice: nothing to report
+            self._job.report.suggest(param, *describe(param, value, name, native))
 
     def put_fields(self) -> None:
         """The passthrough fields, already converted by the passthrough layer."""
@@ -61,23 +56,9 @@ def report_size_form(job: ImageJob, form: str) -> None:
     {form}`` in front of what the size layer said. Idempotent: fan-out's calls
     share one report, and the detail is said once, not once per call.
     """
-    sent_as = f"sent as {form}"
     for param in SIZE_PARAMS:
-        if not client_sent(job, param) or getattr(job.request, param) is None:
-            continue
-        entry = job.report.get(param)
-        if entry is None:
-            job.report.record(param, "converted", sent_as)
-            continue
-        if entry.handling == "ignored" or entry.detail.startswith(sent_as):
-            continue
-        if entry.handling == "passthrough":
-            # "1024x768" went out in the provider's own form (width/height, a preset
-            # name): converted, and the form says all the passthrough note did.
-            job.report.record(param, "converted", sent_as)
-        else:
-            handling: Handling = "emulated" if entry.handling == "emulated" else "converted"
-            job.report.record(param, handling, f"{sent_as}; {entry.detail}")
+        if client_sent(job, param) and getattr(job.request, param) is not None:
+            job.report.sent_as(param, form)
 
 
 def public_param(job: ImageJob, native: str, *, size_fields: frozenset[str]) -> str:

@@ -9,7 +9,7 @@ normalisation report.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -121,7 +121,11 @@ class ParamHandling:
 
 
 class Report:
-    """How each parameter the client sent was handled; rendered as a response header."""
+    """How each parameter the client sent was handled; rendered as a response header.
+
+    Layers and providers only write to it, through the verbs below, which keep the
+    precedence rules in one place; the edge reads it once, when it renders.
+    """
 
     MAX_DETAIL = 200
 
@@ -129,9 +133,37 @@ class Report:
         self._entries: dict[str, ParamHandling] = {}
 
     def record(self, param: str, handling: Handling, detail: str) -> None:
+        """Say how ``param`` was handled, replacing anything said before."""
         self._entries[param] = ParamHandling(handling, detail[: self.MAX_DETAIL])
 
-    def get(self, param: str) -> ParamHandling | None:
+    def suggest(self, param: str, handling: Handling, detail: str) -> None:
+        """Say it unless something more telling is said already: a layer's emulation
+        note is worth more than a provider's "sent unchanged"."""
+        existing = self._entries.get(param)
+        if existing is None or (existing.handling == "passthrough" and handling != "passthrough"):
+            self.record(param, handling, detail)
+
+    def sent_as(self, param: str, form: str) -> None:
+        """Put how ``param`` reached the provider (its native ``form``) in front of
+        what the layers said. Idempotent: fan-out's calls share one report."""
+        sent_as = f"sent as {form}"
+        entry = self._entries.get(param)
+        if entry is None or entry.handling == "passthrough":
+            # Went out in the provider's own form: converted, and the form says all a
+            # passthrough note did.
+            self.record(param, "converted", sent_as)
+        elif entry.handling != "ignored" and not entry.detail.startswith(sent_as):
+            handling: Handling = "emulated" if entry.handling == "emulated" else "converted"
+            self.record(param, handling, f"{sent_as}; {entry.detail}")
+
+    def fill(self, params: Iterable[str], handling: Handling, detail: str) -> None:
+        """Say it of each of ``params`` that nothing was said about."""
+        for param in params:
+            if param not in self._entries:
+                self.record(param, handling, detail)
+
+    def says(self, param: str) -> ParamHandling | None:
+        """What is said of ``param`` (for rendering and tests, not for layers)."""
         return self._entries.get(param)
 
     def as_dict(self) -> dict[str, dict[str, str]]:

@@ -36,3 +36,27 @@ def test_url_body():
     body = json.loads(bytes(render_json(request, result(image), ["prompt"], Settings()).body))
     assert_matches(body, "ImagesResponse")
     assert body["data"] == [{"url": 'https://example.test/a.png?x=1&y="2"', "revised_prompt": "r"}]
+
+
+def test_report_verbs_keep_their_precedence() -> None:
+    from flux_proxy.schema import Report
+
+    report = Report()
+    report.record("seed", "emulated", "image i uses seed + i (from 5)")
+    report.suggest("seed", "passthrough", "sent unchanged")  # the layer's note stays
+    report.suggest("style", "passthrough", "sent unchanged")
+    report.suggest("style", "renamed", "sent as preset")  # refines a plain passthrough
+    report.record("size", "emulated", "1920x1080; provider makes 1344x768")
+    for _ in range(3):  # one per fan-out call: said once
+        report.sent_as("size", "width/height")
+    report.fill(["seed", "quality"], "ignored", "not used")
+    said = {param: report.says(param) for param in ("seed", "style", "size", "quality")}
+    assert {param: (entry.handling if entry else None) for param, entry in said.items()} == {
+        "seed": "emulated",
+        "style": "renamed",
+        "size": "emulated",
+        "quality": "ignored",
+    }
+    size = report.says("size")
+    assert size is not None
+    assert size.detail == "sent as width/height; 1920x1080; provider makes 1344x768"

@@ -52,8 +52,8 @@ class LocalRenderer:
         fmt = job.output_format or "png"
         first_seed = job.seed if job.seed is not None else secrets.randbelow(2**31)
         job.report.record("prompt", "passthrough", "drawn into the picture's pattern")
-        if job.seed is not None and job.report.get("seed") is None:
-            job.report.record("seed", "passthrough", "picks the pattern")
+        if job.seed is not None:
+            job.report.suggest("seed", "passthrough", "picks the pattern")
         for name in job.fields:
             job.report.record(name, "ignored", "the local renderer has no such option")
         images = []
