@@ -45,6 +45,7 @@ from flux_proxy.plugins import load_registry
 from flux_proxy.routing import Router
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import ImageRequest
+from flux_proxy.startup import announce
 from flux_proxy.store import is_valid_name
 
 logger = logging.getLogger("flux_proxy")
@@ -106,6 +107,11 @@ class FluxProxy:
             redirect_slashes=False,
             default=self._fallback,
             lifespan=self._lifespan,
+        )
+        announce(
+            self.router.models(),
+            [entry if isinstance(entry, str) else entry.name for entry in settings.middlewares],
+            self.runtime.secret,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

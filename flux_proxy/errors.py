@@ -9,7 +9,7 @@ are logged and answered with a generic 500 body, never a stack trace.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 
 class GatewayError(Exception):
@@ -107,6 +107,31 @@ class UpstreamError(GatewayError):
     error_type = "server_error"
     default_code = "upstream_error"
     retryable = True
+
+
+class UpstreamCredentialsMissing(UpstreamError):
+    """The gateway holds no key for an upstream: the variables meant to hold one are unset.
+
+    Retryable: the model's next provider may have its key. When none has, the
+    failover names every variable it found unset (see generation.py).
+    """
+
+    default_code = "upstream_credentials_missing"
+
+    def __init__(self, variables: Sequence[str]) -> None:
+        self.variables = tuple(dict.fromkeys(variables))  # once each, in order
+        names = ", ".join(self.variables)
+        if len(self.variables) == 1:
+            message = (
+                "The gateway has no key for this model's upstream: the environment "
+                f"variable {names} is not set."
+            )
+        else:
+            message = (
+                "The gateway has no key for this model's upstreams: the environment "
+                f"variables {names} are not set."
+            )
+        super().__init__(message)
 
 
 class UpstreamTimeout(UpstreamError):

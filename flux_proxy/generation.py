@@ -24,6 +24,7 @@ from flux_proxy.errors import (
     GatewayError,
     InternalError,
     InvalidRequest,
+    UpstreamCredentialsMissing,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -98,6 +99,7 @@ class Generator:
         progress: ProgressSink | None,
     ) -> ImageResult:
         failed: list[str] = []
+        unset_keys: list[str] = []  # key variables found unset on the way
         for attempt, target in enumerate(model.targets, start=1):
             job = self._job(request, target, public_url)
             if progress is not None:
@@ -105,7 +107,12 @@ class Generator:
             try:
                 result = await self._stack(job)
             except GatewayError as error:
+                if isinstance(error, UpstreamCredentialsMissing):
+                    unset_keys.extend(error.variables)
                 if attempt == len(model.targets) or not error.retryable:
+                    if isinstance(error, UpstreamCredentialsMissing):
+                        # Not just the last provider's: the operator has to set them all.
+                        raise UpstreamCredentialsMissing(unset_keys) from None
                     raise
                 logger.warning(
                     "provider %s failed for %s (%s); trying the next one",

@@ -48,6 +48,10 @@ class Router:
             )
         return route
 
+    def models(self) -> list[ModelRoute]:
+        """The configured models, once each (no aliases), in config order."""
+        return list(self._routes.values())
+
     def public_names(self) -> list[tuple[str, ModelRoute]]:
         return list(self._by_name.items())
 

@@ -14,7 +14,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 import httpx
 
 from flux_proxy.config import ConfigError, Settings
-from flux_proxy.errors import UpstreamError
+from flux_proxy.errors import UpstreamCredentialsMissing
 from flux_proxy.fetch import ImageFetcher
 from flux_proxy.imaging import ImageWorker
 from flux_proxy.signing import UrlSigner
@@ -77,11 +77,7 @@ class Runtime:
         """The provider key held in ``env_name``; a clear 502 naming the variable if unset."""
         key = self.secret(env_name)
         if key is None:
-            raise UpstreamError(
-                f"The gateway has no key for this model's upstream: the environment variable "
-                f"{env_name} is not set.",
-                code="upstream_credentials_missing",
-            )
+            raise UpstreamCredentialsMissing([env_name])
         return key
 
     async def aclose(self) -> None:

@@ -269,6 +269,12 @@ class Target:
     capabilities: Capabilities
     provider: ProviderHandle
 
+    @property
+    def key_env(self) -> str | None:
+        """The environment variable this attempt's upstream key is read from, if it needs
+        one: the entry's ``api_key_env``, else the provider's ``key_env`` (``BFL_API_KEY``)."""
+        return self.config.api_key_env or getattr(self.provider, "key_env", None)
+
 
 @dataclass(frozen=True, slots=True)
 class ImageJob:

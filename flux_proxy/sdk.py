@@ -37,6 +37,7 @@ from flux_proxy.errors import (
     GatewayError,
     InvalidRequest,
     RateLimited,
+    UpstreamCredentialsMissing,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -130,6 +131,7 @@ __all__ = [
     "SizeSupport",
     "Target",
     "Upstream",
+    "UpstreamCredentialsMissing",
     "UpstreamError",
     "UpstreamProvider",
     "UpstreamTimeout",

@@ -286,6 +286,8 @@ def test_server_port_from_the_config_file_is_used(spawn, tmp_path):
     models = wait_until_serving(server, f"http://127.0.0.1:{port}")
     assert models.status_code == 200
     assert [model["id"] for model in models.json()["data"]] == ["sketch", "sketchy"]
+    # The start-up summary, one line, before uvicorn's own.
+    assert "serving 1 model (sketch -> local), middlewares: response_format," in server.output()
 
     generated = httpx.post(
         f"http://127.0.0.1:{port}/v1/images/generations",

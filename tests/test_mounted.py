@@ -116,6 +116,17 @@ async def test_host_lifespan_runs_through_the_middleware(host):
 
 
 @pytest.mark.anyio
+async def test_mounted_start_up_logs_the_summary_and_unset_keys(host, caplog):
+    models = {"flux-bfl": {"provider": "bfl"}}
+    with caplog.at_level(logging.INFO, logger="flux_proxy"):
+        async with asgi_client(with_gateway(host, {"models": models})):
+            pass
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "flux_proxy"]
+    assert logged[0][0] == "WARNING" and "BFL_API_KEY is not set" in logged[0][1]
+    assert logged[1][0] == "INFO" and logged[1][1].startswith("serving 1 model (flux-bfl -> bfl)")
+
+
+@pytest.mark.anyio
 async def test_image_requests_are_answered_by_the_gateway(host):
     async with asgi_client(with_gateway(host)) as client:
         response = await client.post(
