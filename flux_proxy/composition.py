@@ -86,7 +86,7 @@ def build_stack(
     _check_required(placed, available)
     _check_order(placed)
     layers = [item.cls(runtime, item.options) for item in placed]
-    return Stack(layers, StackGuard([item.name for item in placed], layers))
+    return Stack(layers, StackGuard([item.name for item in placed], layers, available))
 
 
 def _place(
@@ -162,8 +162,15 @@ def _verb(effect: Effect) -> str:
 class StackGuard:
     """Refuses, per request, what no configured layer honours (a 400 naming it)."""
 
-    def __init__(self, names: Sequence[str], layers: Sequence[Layer]) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        layers: Sequence[Layer],
+        available: Mapping[str, LayerClass],
+    ) -> None:
         self._layers = ", ".join(names)
+        # Which installed layer would honour a parameter: the refusal names it.
+        self._offered = {param: name for name, cls in available.items() for param in cls.honours}
         self._honoured = CORE_PARAMS.union(*(layer.honours for layer in layers))
         self._forwards = any(layer.forwards_unknown_fields for layer in layers)
 
@@ -179,7 +186,13 @@ class StackGuard:
             value = getattr(request, param)
             if value is None or (param == "size" and value.strip().lower() == "auto"):
                 continue  # nothing asked: the default applies
-            raise self._refuse(param, f"no configured layer honours '{param}'")
+            offered = self._offered.get(param)
+            raise self._refuse(
+                param,
+                f"the '{offered}' layer that carries it out is not configured"
+                if offered
+                else "no configured layer carries it out",
+            )
         if self._forwards:
             return
         for param, value in request.extras.items():
