@@ -23,6 +23,7 @@ import httpx
 from flux_proxy.errors import UpstreamError, UpstreamTimeout
 from flux_proxy.imaging import probe
 from flux_proxy.schema import GeneratedImage
+from flux_proxy.upstream import AnswerTooLarge, send_capped
 
 
 class ImageFetcher:
@@ -45,26 +46,24 @@ class ImageFetcher:
                 raise UpstreamError("The upstream image is larger than the gateway accepts.")
             return _decode_data_uri(url)
         await self.check_url(url)
+        http = self._http()
         try:
-            async with self._http().stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise UpstreamError(
-                        f"Fetching the upstream image failed with HTTP {response.status_code}."
-                    )
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > self._max_bytes:
-                        raise UpstreamError(
-                            "The upstream image is larger than the gateway accepts."
-                        )
-                    chunks.append(chunk)
+            # The same capped read as every upstream answer: refused at the cap, never
+            # held whole first.
+            response = await send_capped(
+                http, http.build_request("GET", url), max_bytes=self._max_bytes
+            )
+        except AnswerTooLarge:
+            raise UpstreamError("The upstream image is larger than the gateway accepts.") from None
         except httpx.TimeoutException:
             raise UpstreamTimeout("Fetching the upstream image timed out.") from None
         except httpx.HTTPError:
             raise UpstreamError("Fetching the upstream image failed.") from None
-        return b"".join(chunks)
+        if response.status_code != 200:
+            raise UpstreamError(
+                f"Fetching the upstream image failed with HTTP {response.status_code}."
+            )
+        return response.content
 
     async def ensure_data(self, image: GeneratedImage) -> GeneratedImage:
         """Give ``image`` its bytes, media type and pixel size (fetching if needed)."""
