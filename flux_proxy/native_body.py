@@ -7,6 +7,7 @@ reached the provider and name the public parameter an upstream error points at.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from flux_proxy.fields import convert, describe
@@ -19,6 +20,8 @@ class NativeBody:
     def __init__(self, job: ImageJob) -> None:
         self._job = job
         self.body: dict[str, Any] = {}
+        # Body field -> the public parameter the gateway filled it from.
+        self._sources: dict[str, str] = {}
 
     def put(self, param: str, value: Any) -> None:
         capabilities = self._job.target.capabilities
@@ -29,13 +32,29 @@ class NativeBody:
         rule = capabilities.fields.get(param)
         name, native = convert(param, value, rule)
         self.body[name] = native
+        self._sources[name] = param
         if client_sent(self._job, param):  # else the gateway's own choice: nothing to report
             self._job.report.suggest(param, *describe(param, value, name, native))
 
-    def put_fields(self) -> None:
-        """The passthrough fields, already converted by the passthrough layer."""
+    def put_size(self, form: str, **fields: Any) -> None:
+        """The size in the provider's own fields (``form`` says how, for the report)."""
+        self.body.update(fields)
+        self._sources.update(dict.fromkeys(fields, "size"))
+        report_size_form(self._job, form)
+
+    def put_fields(self, skip: Collection[str] = ()) -> None:
+        """The passthrough fields (already converted by the passthrough layer), but
+        ``skip``. A client field the gateway already set from a public parameter
+        (a client's own ``width`` beside ``size``) loses, and the report says so."""
         for name, value in self._job.fields.items():
-            self.body.setdefault(name, value)
+            if name in skip:
+                continue
+            if name not in self.body:
+                self.body[name] = value
+            elif self.body[name] != value:
+                source = self._sources.get(name)
+                why = f"from {source}" if source else "itself"
+                self._job.report.record(name, "ignored", f"the gateway sets {name} {why}")
 
 
 # The public parameters that set an image's size.

@@ -181,22 +181,17 @@ class BflProvider(sdk.UpstreamProvider[BflModel, BflOptions]):
             if model.ratio_of_size:
                 # A size from a config override of the presets still goes as its ratio.
                 ratio = model.ratio_of_size.get(size) or _reduced_ratio(*size)
-                native.body["aspect_ratio"] = ratio
-                sdk.report_size_form(job, f"aspect_ratio={ratio}")
+                native.put_size(f"aspect_ratio={ratio}", aspect_ratio=ratio)
             else:
-                native.body["width"], native.body["height"] = size
-                sdk.report_size_form(job, f"width={size[0]}, height={size[1]}")
+                native.put_size(f"width={size[0]}, height={size[1]}", width=size[0], height=size[1])
         if job.seed is not None:
             native.put("seed", job.seed)
         if job.output_format is not None:
             # Always sent, even BFL's default jpeg: the format layer counts on getting it.
             native.body["output_format"] = job.output_format
-        # NativeBody.put_fields() would forward every extra; the ignored ones must not go.
-        for name, value in job.fields.items():
-            if name in IGNORED_FIELDS:
-                job.report.record(name, "ignored", IGNORED_FIELDS[name])
-            else:
-                native.body.setdefault(name, value)
+        for name in IGNORED_FIELDS.keys() & job.fields.keys():
+            job.report.record(name, "ignored", IGNORED_FIELDS[name])
+        native.put_fields(skip=IGNORED_FIELDS)
         return native.body
 
     async def _read_poll(

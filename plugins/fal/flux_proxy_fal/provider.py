@@ -104,16 +104,6 @@ MODELS: dict[str, FalModel] = {
     ),
 }
 
-# Body fields the provider fills from public parameters, and from which.
-OWN_FIELD_SOURCES: dict[str, str] = {
-    "prompt": "prompt",
-    "image_size": "size",
-    "aspect_ratio": "size",
-    "num_images": "n",
-    "seed": "seed",
-    "output_format": "output_format",
-}
-
 # Statuses of fal's queue, in fal's spelling.
 WAITING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
 COMPLETED = "COMPLETED"
@@ -182,14 +172,9 @@ class FalProvider(sdk.UpstreamProvider[FalModel, FalOptions]):
             native.put("seed", job.seed)
         if job.output_format is not None:
             native.put("output_format", job.output_format)
-        own = dict(native.body)
+        # A client sending fal's own name (image_size, num_images, ...) does not beat the
+        # public parameter the gateway already turned into that field.
         native.put_fields()
-        for name, value in job.fields.items():
-            # A client sending fal's own name (image_size, num_images, ...) does not beat the
-            # public parameter the gateway already turned into that field.
-            if name in own and own[name] != value:
-                source = OWN_FIELD_SOURCES.get(name, name)
-                job.report.record(name, "ignored", f"the gateway sets {name} from {source}")
         return native.body
 
     def _put_size(self, job: sdk.ImageJob, model: FalModel, native: sdk.NativeBody) -> None:
@@ -207,8 +192,8 @@ class FalProvider(sdk.UpstreamProvider[FalModel, FalOptions]):
                 f"sizes; {job.width}x{job.height} is not one of them.",
                 param="size",
             )
-        native.body[model.size_field] = value
-        sdk.report_size_form(job, f"{model.size_field}={json.dumps(value, separators=(',', ':'))}")
+        form = f"{model.size_field}={json.dumps(value, separators=(',', ':'))}"
+        native.put_size(form, **{model.size_field: value})
 
     # --- the queue ------------------------------------------------------------------
 

@@ -153,25 +153,18 @@ class ReplicateProvider(sdk.UpstreamProvider[ReplicateModel, ReplicateOptions]):
         native.put("prompt", job.request.prompt)
         if job.width and job.height:
             if spec.size_mode == "custom":
-                native.body.update(aspect_ratio="custom", width=job.width, height=job.height)
                 form = f"aspect_ratio=custom, width={job.width}, height={job.height}"
+                native.put_size(form, aspect_ratio="custom", width=job.width, height=job.height)
             else:
                 ratio = _nearest_ratio(job.width, job.height, spec.aspect_ratios)
-                native.body["aspect_ratio"] = ratio
-                form = f"aspect_ratio={ratio}"
-            sdk.report_size_form(job, form)
+                native.put_size(f"aspect_ratio={ratio}", aspect_ratio=ratio)
         if job.seed is not None:
             native.put("seed", job.seed)
         if job.output_format:
             native.put("output_format", job.output_format)
         if job.output_compression is not None and spec.capabilities.accepts_compression:
             native.put("output_compression", job.output_compression)
-        set_by_gateway = set(native.body)
-        native.put_fields()
-        for name in job.fields:
-            # A client's own "width" (say) loses to the one the gateway derived from size.
-            if name in set_by_gateway and name in job.request.extras:
-                job.report.record(name, "ignored", "the gateway sets this field itself")
+        native.put_fields()  # a client's own "width" (say) loses to the one from size
         return native.body
 
     async def _poll(
