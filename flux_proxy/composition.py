@@ -148,7 +148,7 @@ def _check_order(placed: Sequence[_Placed]) -> None:
 _VERBS: Mapping[Effect, str] = {
     "delivers": "delivers the answer",
     "encodes": "encodes the images",
-    "changes_pixels": "changes their pixels",
+    "changes_pixels": "changes the images' pixels",
     "splits_calls": "splits the provider call",
     "shapes_body": "shapes the provider's body",
     "consumes_fields": "consumes client fields",
