@@ -313,8 +313,9 @@ class Upstream:
 
 def validation_error(
     response: httpx.Response, job: ImageJob, upstream: Upstream, *, size_fields: frozenset[str]
-) -> InvalidRequest | None:
-    """An upstream's "this field is invalid" as a 400 naming the client's parameter.
+) -> InvalidRequest | None:  # ContentPolicyViolation is an InvalidRequest
+    """An upstream's "this field is invalid" as a 400 naming the client's parameter
+    (or, where the item says ``content_policy_violation``, a moderation refusal).
 
     Reads FastAPI/pydantic's ``{"detail": [{"loc": ["body", field, ...], "msg"}]}``
     (BFL, fal) and Replicate's ``{"invalid_fields": [{"field": "input.x",
@@ -326,6 +327,9 @@ def validation_error(
         return None
     if not isinstance(body, dict):
         return None
+    refused = _content_policy(body, upstream)
+    if refused is not None:
+        return refused
     found = _fastapi_field(body) or _replicate_field(body)
     if found is None:
         return None
@@ -334,6 +338,21 @@ def validation_error(
     sent = f" (sent as {path})" if path != param else ""
     text = upstream.redact(f"The {upstream.provider} upstream rejected '{param}'{sent}: {message}")
     return InvalidRequest(text, param=param)
+
+
+def _content_policy(body: dict[str, Any], upstream: Upstream) -> ContentPolicyViolation | None:
+    """A FastAPI-style detail item typed ``content_policy_violation`` (fal's moderation)."""
+    detail = body.get("detail")
+    for item in detail if isinstance(detail, list) else ():
+        if isinstance(item, dict) and item.get("type") == "content_policy_violation":
+            said = str(item.get("msg") or "content policy violation")
+            return ContentPolicyViolation(
+                upstream.redact(
+                    f"The {upstream.provider} upstream's content checker refused "
+                    f"the request: {said}"
+                )
+            )
+    return None
 
 
 def _fastapi_field(body: dict[str, Any]) -> tuple[str, str, str] | None:

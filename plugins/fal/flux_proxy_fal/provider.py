@@ -209,16 +209,13 @@ class FalProvider(sdk.UpstreamProvider[FalModel, FalOptions]):
         if response.status_code not in (200, 201, 202):
             raise self._error(job, entry, upstream, response)
         ticket = upstream.json_object(response, "queue ticket")
-        status_url, response_url, cancel_url = (
-            _url_in(ticket, name) for name in ("status_url", "response_url", "cancel_url")
-        )
-        # All three get the key: refuse a ticket naming a foreign host before any is used.
-        for name, handed_back in zip(
-            ("status_url", "response_url", "cancel_url"),
-            (status_url, response_url, cancel_url),
-            strict=True,
-        ):
+        urls = {name: ticket.get(name) for name in ("status_url", "response_url", "cancel_url")}
+        for name, handed_back in urls.items():
+            if not isinstance(handed_back, str) or not handed_back:
+                raise sdk.UpstreamError(f"fal's queue ticket has no {name}.")
+            # All three get the key: a ticket naming a foreign host is refused before any use.
             await upstream.check_handed_back(handed_back, name)
+        status_url, response_url, cancel_url = (str(url) for url in urls.values())
         await self._report(job, ticket)
         seen_logs = 0
 
@@ -324,12 +321,6 @@ class FalProvider(sdk.UpstreamProvider[FalModel, FalOptions]):
             body = None
         detail = body.get("detail") if isinstance(body, dict) else None
         items = [i for i in detail if isinstance(i, dict)] if isinstance(detail, list) else []
-        for item in items:
-            if item.get("type") == "content_policy_violation":
-                return sdk.ContentPolicyViolation(
-                    "fal's content checker refused the request: "
-                    + str(item.get("msg", "content policy violation"))
-                )
         error_type = response.headers.get("x-fal-error-type") or (
             body.get("error_type") if isinstance(body, dict) else None
         )
@@ -354,13 +345,6 @@ def _infrastructure_error(error_type: str, detail: str | None) -> sdk.UpstreamEr
     if error_type.endswith("_timeout"):
         return sdk.UpstreamTimeout(f"fal timed out ({error_type}): {text}")
     return sdk.UpstreamError(f"fal failed ({error_type}): {text}")
-
-
-def _url_in(ticket: dict[str, Any], name: str) -> str:
-    value = ticket.get(name)
-    if not isinstance(value, str) or not value:
-        raise sdk.UpstreamError(f"fal's queue ticket has no {name}.")
-    return value
 
 
 def _log_lines(status: dict[str, Any], seen: int, upstream: sdk.Upstream) -> int:
