@@ -89,14 +89,14 @@ def emulate(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from flux_proxy.app import FluxProxy
-
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     install_url_filter()
     try:
         settings = load_settings(args.config)
+        # Imported once the settings are known good: a bad file is reported without
+        # loading the gateway, its layers and plugins first.
+        from flux_proxy.app import FluxProxy
+
         app = FluxProxy(settings)
     except ConfigError as error:
         print(f"flux-proxy: {error}", file=sys.stderr)
@@ -104,6 +104,8 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as error:  # e.g. store.directory cannot be created
         print(f"flux-proxy: cannot start: {error}", file=sys.stderr)
         return 1
+    import uvicorn
+
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     # No Server header of uvicorn's own: forwarded answers carry the upstream's.
