@@ -2,7 +2,7 @@
 
 A provider answer can carry any URL. The gateway fetches it only when the host
 resolves to public addresses, or is one the operator trusts: a configured
-provider's own origin (its base_url's host *and* port) or a host listed in
+provider's own origin (its base_url's scheme, host *and* port) or a host listed in
 ``fetch.allow_private_hosts``. Anything
 else (loopback, private ranges, link-local metadata endpoints) is refused, so
 the gateway cannot be turned into a probe of the network it runs in.
@@ -21,6 +21,7 @@ import anyio
 import httpx
 
 from flux_proxy.errors import UpstreamError, UpstreamTimeout
+from flux_proxy.hosts import origin
 from flux_proxy.imaging import probe
 from flux_proxy.schema import GeneratedImage
 from flux_proxy.upstream import AnswerTooLarge, send_capped
@@ -36,7 +37,7 @@ class ImageFetcher:
         max_bytes: int,
     ) -> None:
         self._http = http
-        self._origins = {_origin(url) for url in trusted_origins}
+        self._origins = {origin(url) for url in trusted_origins}
         self._hosts = {host.lower() for host in trusted_hosts}
         self._max_bytes = max_bytes
 
@@ -84,7 +85,7 @@ class ImageFetcher:
         host = parts.hostname
         if parts.scheme not in ("http", "https") or not host:
             raise UpstreamError("The upstream returned a URL the gateway cannot fetch.")
-        if host.lower() in self._hosts or _origin(url) in self._origins:
+        if host.lower() in self._hosts or origin(url) in self._origins:
             return
         try:
             infos = await anyio.getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -112,16 +113,6 @@ def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if inner is not None:
             return inner.is_global
     return address.is_global
-
-
-def _origin(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:  # a port that is not a number trusts nothing
-        return ("", -1)
-    default = 443 if parts.scheme == "https" else 80
-    return ((parts.hostname or "").lower(), port or default)
 
 
 def _decode_data_uri(uri: str) -> bytes:
