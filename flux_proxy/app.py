@@ -41,6 +41,7 @@ from flux_proxy.errors import (
 )
 from flux_proxy.forward import Forwarder
 from flux_proxy.generation import Generator, render_json, render_stream
+from flux_proxy.health import Health
 from flux_proxy.plugins import load_registry
 from flux_proxy.routing import Router
 from flux_proxy.runtime import Runtime
@@ -91,18 +92,27 @@ class FluxProxy:
                 forward_authorization=not self._client_keys,
             )
         self._started = int(time.time())
+        self.health = Health(self.runtime.store)
         prefix = self._prefix
         self._fallback: ASGIApp = (
             self._to_host if app is not None else self._forward if self._forwarder else _not_found
         )
+        routes = [
+            _GatewayRoute(f"{prefix}/images/generations", self._generations, ["POST"]),
+            _GatewayRoute(f"{prefix}/models", self._models, ["GET"]),
+            _GatewayRoute(f"{prefix}/models/{{name}}", self._model, ["GET"]),
+            _GatewayRoute(f"{prefix}/images/files/{{name}}", self._file, ["GET"]),
+        ]
+        health_paths = settings.server.health_paths
+        if health_paths or (health_paths is None and app is None):
+            # Probes come every few seconds: their lines go to debug, not the info log.
+            routes += [
+                _GatewayRoute("/healthz", self.health.live, ["GET"], log_level=logging.DEBUG),
+                _GatewayRoute("/readyz", self.health.ready, ["GET"], log_level=logging.DEBUG),
+            ]
         # The HTTP edge (self.router maps model names to providers).
         self._http_router = HTTPRouter(
-            [
-                _GatewayRoute(f"{prefix}/images/generations", self._generations, ["POST"]),
-                _GatewayRoute(f"{prefix}/models", self._models, ["GET"]),
-                _GatewayRoute(f"{prefix}/models/{{name}}", self._model, ["GET"]),
-                _GatewayRoute(f"{prefix}/images/files/{{name}}", self._file, ["GET"]),
-            ],
+            routes,
             # "/v1/models/" is not a gateway route: it falls through, it is not redirected.
             redirect_slashes=False,
             default=self._fallback,
@@ -267,13 +277,23 @@ class FluxProxy:
     @asynccontextmanager
     async def _lifespan(self, app: object) -> AsyncIterator[None]:
         """Standalone: the Router runs this around the server's lifespan."""
+        self.health.started()
         try:
             yield
         finally:
+            self.health.stopping()
             await self.runtime.aclose()
 
     async def _host_lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Mounted: the host's lifespan runs as it is (its startup, shutdown and state)."""
+
+        async def receive_from_server() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.health.started()
+            elif message["type"] == "lifespan.shutdown":
+                self.health.stopping()
+            return message
 
         async def send_to_server(message: Message) -> None:
             # Closed before the server hears of it: it may stop the event loop right after.
@@ -282,7 +302,7 @@ class FluxProxy:
             await send(message)
 
         assert self._app is not None
-        await self._app(scope, receive, send_to_server)
+        await self._app(scope, receive_from_server, send_to_server)
 
 
 class FluxProxyMiddleware:
@@ -398,8 +418,10 @@ class _GatewayRoute(Route):
     ``GET`` routes answer ``HEAD`` too (Starlette adds it).
     """
 
-    def __init__(self, path: str, handler: Handler, methods: list[str]) -> None:
-        super().__init__(path, _Endpoint(handler), methods=methods)
+    def __init__(
+        self, path: str, handler: Handler, methods: list[str], log_level: int = logging.INFO
+    ) -> None:
+        super().__init__(path, _Endpoint(handler, log_level), methods=methods)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         allowed = self.methods or set()
@@ -417,8 +439,9 @@ class _Endpoint:
     """A handler as an ASGI app: its errors become OpenAI error bodies, its outcome is
     logged, and ``HEAD`` gets the headers ``GET`` would, without the body."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, log_level: int) -> None:
         self._handler = handler
+        self._log_level = log_level
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -444,7 +467,8 @@ class _Endpoint:
         except Exception:
             logger.exception("unexpected failure on %s %s", request.method, request.url.path)
             response = _error_response(InternalError("The gateway failed unexpectedly."))
-        logger.info(
+        logger.log(
+            self._log_level,
             "%s %s -> %s in %.0f ms",
             request.method,
             request.url.path,

@@ -59,6 +59,10 @@ class ServerSettings(_Section):
     api_prefix: str = "/v1"
     # Base URL for links to hosted images; by default taken from each request's Host.
     public_url: str | None = None
+    # /healthz and /readyz at the root, outside api_prefix and without client keys.
+    # Unset: on when the gateway serves alone, off when it is mounted in a host app
+    # (whose own paths these must not shadow unless asked to).
+    health_paths: bool | None = None
 
     @field_validator("api_prefix")
     @classmethod

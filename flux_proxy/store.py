@@ -7,6 +7,7 @@ every backend forgets images once they have expired.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
@@ -34,6 +35,11 @@ class ImageStore(Protocol):
     async def put(self, data: bytes, fmt: str) -> str: ...
 
     async def get(self, name: str) -> StoredImage | None: ...
+
+    async def problem(self) -> str | None:
+        """Why the store cannot keep images now, or None. Readiness probes call this
+        every few seconds, so it must be cheap; its words reach unauthenticated clients."""
+        ...
 
 
 def new_name(fmt: str) -> str:
@@ -68,6 +74,9 @@ class MemoryImageStore:
         if item is None or item[0] < self._clock():
             return None
         return item[1]
+
+    async def problem(self) -> str | None:
+        return None  # process memory is there as long as the process is
 
     def _evict(self) -> None:
         now = self._clock()
@@ -116,6 +125,17 @@ class DirectoryImageStore:
         except FileNotFoundError:
             return None
         return StoredImage(data, _MEDIA_TYPE_OF_EXTENSION[name.rsplit(".", 1)[1]])
+
+    async def problem(self) -> str | None:
+        return await anyio.to_thread.run_sync(self._problem)
+
+    def _problem(self) -> str | None:
+        # Not the path itself: the answer goes to whoever asks /readyz.
+        if not self._directory.is_dir():
+            return "the image directory does not exist"
+        if not os.access(self._directory, os.W_OK | os.X_OK):
+            return "the image directory is not writable"
+        return None
 
     def _sweep(self) -> None:
         cutoff = self._clock() - self._ttl
