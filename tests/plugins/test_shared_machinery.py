@@ -185,6 +185,34 @@ async def test_a_poll_answer_over_the_cap_is_a_502() -> None:
     assert "larger than the gateway accepts" in error["message"]
 
 
+def flood() -> Starlette:
+    """An upstream whose every answer is 1 MB of JSON, for whatever is asked."""
+
+    async def answer(request: Request) -> Response:
+        return JSONResponse({"status": "starting", "pad": "p" * 1_000_000})
+
+    return Starlette(routes=[Route("/{path:path}", answer, methods=["GET", "POST"])])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("provider", "options"),
+    [("bfl", {}), ("fal", {"mode": "sync"}), ("fal", {}), ("replicate", {}), ("openai", None)],
+)
+async def test_every_providers_first_answer_is_read_with_the_cap(
+    provider: str, options: dict[str, Any] | None
+) -> None:
+    limits = {"max_fetch_bytes": 1024}
+    if options is None:  # openai takes no polling options
+        entry = {"provider": "openai", "base_url": UPSTREAM}
+        transport = httpx.ASGITransport(app=flood())
+        app = FluxProxy({"models": {"m": entry}, "limits": limits}, environ={}, transport=transport)
+    else:
+        app = gateway(provider, flood(), options=options, limits=limits)
+    error = assert_openai_error(await post(app), 502)
+    assert "larger than the gateway accepts" in error["message"]
+
+
 # --- the provider's own checks run before a stream commits (defect 4) ------------------------
 
 
