@@ -1,18 +1,18 @@
-"""What the gateway costs: the same requests sent to a fake upstream directly and through
-flux-proxy, in one run, reported as ratios.
+"""What the gateway costs beside a bare Python proxy, measured in one run (issue 7).
 
-    python -m tests.benchmarks.bench_gateway [--requests N] [--concurrency C] [--quick]
+    python -m tests.benchmarks.bench_gateway [--json PATH] [--peers] [--quick]
 
-Two uvicorn processes on loopback (see ``tests/benchmarks/servers.py``): a fast fake
-OpenAI Images upstream that answers from preallocated bodies, and the gateway with one
-``openai`` model pointing at it. The gateway gets a CPU to itself; the upstream and
-this process (the load generator: ``httpx.AsyncClient``, closed loop) share the other.
-So the direct rows are bounded by the client and upstream on their core, and a ratio
-near 1.00 means the gateway was not the bottleneck.
-
-Absolute numbers drift between runs and machines; compare the ratios. Every scenario
-sends a bounded number of requests and stops after a time cap, whichever comes first,
-and its first answer is checked (format, size, the bytes themselves) before timing.
+Starts on loopback a fast fake OpenAI Images upstream, two thin forwarders (Starlette
+with one shared aiohttp session, and with one shared httpx client: the floor for a
+Python proxy), flux-proxy twice (``flux-proxy serve``, one worker, client keys on:
+upstream URLs passed through, and the default that hosts ``url`` images) and, with
+``--peers``, LiteLLM's proxy. Each server is pinned to one CPU; the upstream and the
+load generator (h2load, closed loop) to the other. Every scenario's first answer is
+checked (format, pixel size, the bytes themselves) so a fast wrong answer fails the
+run; then each scenario is driven for a few seconds and its figures printed beside the
+aiohttp forwarder's from the same run, followed by issue 7's targets, met or missed.
+Missed targets are a report, not a failure: only wrong answers, errors and a load
+generator too slow to tell the targets apart fail the run.
 """
 
 from __future__ import annotations
@@ -25,461 +25,508 @@ import json
 import math
 import os
 import platform
-import socket
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from typing import IO, Any, Literal, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import httpx
 from PIL import Image
 
-from tests.benchmarks.servers import GENERATIONS_PATH, PNG_SIDE, gateway_settings
+from tests.benchmarks import targets
+from tests.benchmarks.load import Generator, H2Load, Load, Measured, PythonLoad
+from tests.benchmarks.processes import BenchmarkError, Cpus, Server
 
-PROMPT = "a lighthouse at dusk"
-WORK_SIZE = (1000, 750)
-WORK_CONCURRENCY = 4
-STARTUP_TIMEOUT = 30.0
+__all__ = ["Ask", "BenchmarkError", "Plan", "Scenario", "check_answer", "main"]
+from tests.benchmarks.servers import GENERATIONS, file_path
 
 T = TypeVar("T")
-Target = Literal["direct", "gateway"]
-Kind = Literal["b64", "url", "work"]
-
-# What each group of rows measures (printed under the table).
-LEGEND: dict[Kind, str] = {
-    "b64": (
-        f"{PNG_SIDE}x{PNG_SIDE} PNG, response_format b64_json (~1.4 MB JSON answer). Gateway: "
-        "pure pass-through (native size and format); it still parses the upstream JSON, "
-        "base64-decodes, probes the header and re-encodes. Bytes are checked identical."
-    ),
-    "url": (
-        "the same request with response_format url. Direct: the upstream returns a link "
-        "(tiny answer). Gateway: asks the upstream for b64_json as configured, decodes it, "
-        "stores the image and returns its own signed link (tiny answer; the link is "
-        "fetched and checked once, not timed)."
-    ),
-    "work": (
-        f"size {WORK_SIZE[0]}x{WORK_SIZE[1]} + output_format webp, b64_json: the gateway "
-        f"gets the {PNG_SIDE}x{PNG_SIDE} PNG, then decodes, resizes (Lanczos, cover + crop) "
-        "and encodes WebP in its worker threads. Compared with direct b64 at the same "
-        "concurrency, so the ratio is mostly the price of that Pillow work on one core."
-    ),
-}
+PROMPT = "a lighthouse at dusk"
+FLUX = ("flux-pass", "flux-default")
+BASELINE = "aiohttp"
+# The direct upstream must outrun the fastest proxy at least this much, or the load
+# generator (on the upstream's CPU) could be what limits the proxies' figures.
+GENERATOR_HEADROOM = 2.0
+ModelRole = Literal["url", "b64", "single"]
 
 
-class BenchmarkError(Exception):
-    """The benchmark could not measure what it claims to (bad answer, server failed)."""
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """One request shape. ``model`` picks the gateway model, and so what the upstream is
+    asked for: links (``url``), base64 (``b64``), or one image per call after a delay
+    (``single``); the other targets ask the upstream for what the client asked."""
+
+    response_format: Literal["url", "b64_json"]
+    side: int
+    model: ModelRole
+    n: int = 1
+    output_format: str | None = None
+
+    def body(self, target: str) -> bytes:
+        gateway_models = {"url": targets.URL_MODEL, "b64": targets.B64_MODEL}
+        gateway_models["single"] = targets.SINGLE_MODEL
+        model = gateway_models[self.model] if target in FLUX else targets.UPSTREAM_MODEL
+        request: dict[str, Any] = {"model": model, "prompt": PROMPT, "n": self.n}
+        request |= {"size": f"{self.side}x{self.side}", "response_format": self.response_format}
+        if self.output_format:
+            request["output_format"] = self.output_format
+        return json.dumps(request).encode()
 
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    kind: Kind
-    target: Target
+    group: str  # "(b) b64 1 MP": one of the issue's scenarios, one request shape
+    ask: Ask
+    target: str
     concurrency: int
-    requests: int
+    baseline_group: str | None  # the aiohttp forwarder's group the ratio is taken to
 
     @property
     def label(self) -> str:
-        return scenario_label(self.kind, self.target, self.concurrency)
-
-    @property
-    def baseline(self) -> str | None:
-        """The direct row this gateway row is compared with (same concurrency)."""
-        if self.target == "direct":
-            return None
-        kind: Kind = "url" if self.kind == "url" else "b64"
-        return scenario_label(kind, "direct", self.concurrency)
-
-    def body(self) -> bytes:
-        request: dict[str, Any] = {
-            "model": "bench" if self.target == "gateway" else "bench-image",
-            "prompt": PROMPT,
-            "n": 1,
-        }
-        if self.kind == "work":
-            request |= {"size": f"{WORK_SIZE[0]}x{WORK_SIZE[1]}", "output_format": "webp"}
-        else:
-            request["size"] = f"{PNG_SIDE}x{PNG_SIDE}"
-        request["response_format"] = "url" if self.kind == "url" else "b64_json"
-        return json.dumps(request).encode()
-
-
-def scenario_label(kind: Kind, target: Target, concurrency: int) -> str:
-    what = {"b64": "b64", "url": "url", "work": "resize+webp"}[kind]
-    return f"{target} {what} c={concurrency}"
+        return f"{self.group} {self.target} c={self.concurrency}"
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    requests: int  # per scenario with a small answer; b64 and image work get fewer
-    concurrency: int
-    seconds: float  # time cap per scenario (measurement)
-    warmup_seconds: float
-    # Warm-up requests per scenario; None: twice the concurrency, at least a tenth of
-    # the measured requests, at most 200.
-    warmup_requests: int | None = None
+    levels: tuple[int, int, int]  # low, the targets' level, high (peak memory)
+    sides: tuple[int, int, int]  # 0.25, 1 and 4 MP
+    delay_ms: int  # the one-image-per-call upstream's render time, scenario (e)
+    seconds: float
+    warmup: float
+    requests: int | None  # fixed count per scenario (times concurrency) instead of seconds
+    peers: bool
 
-    def warmup(self, scenario: Scenario) -> int:
-        if self.warmup_requests is not None:
-            return self.warmup_requests
-        return min(max(2 * scenario.concurrency, scenario.requests // 10), 200)
+    def load(self, concurrency: int) -> Load:
+        count = None if self.requests is None else self.requests * concurrency
+        return Load(concurrency, self.seconds, self.warmup, count)
+
+    def groups(self) -> dict[str, str]:
+        small, side, large = self.sides
+        return {
+            "a": "(a) url",
+            "b": f"(b) b64 {megapixels(side)}",
+            "c": "(c) hosted url",
+            "d-webp": "(d) -> webp",
+            "d-avif": "(d) -> avif",
+            "e-1": "(e) n=1, 1/call",
+            "e-4": "(e) n=4, 1/call",
+            "f-small": f"(f) b64 {megapixels(small)}",
+            "f-large": f"(f) b64 {megapixels(large)}",
+        }
 
     def scenarios(self) -> list[Scenario]:
-        b64 = max(1, self.requests // 4)
-        work = max(1, self.requests // 40)
-        levels = sorted({1, self.concurrency})
-        rows: list[Scenario] = []
-        groups: tuple[tuple[Kind, int], ...] = (("b64", b64), ("url", self.requests))
-        for kind, count in groups:
-            for level in levels:
-                rows += [
-                    Scenario(kind, "direct", level, count),
-                    Scenario(kind, "gateway", level, count),
-                ]
-        work_levels = sorted({1, WORK_CONCURRENCY})
-        rows += [Scenario("b64", "direct", level, b64) for level in work_levels]
-        rows += [Scenario("work", "gateway", level, work) for level in work_levels]
-        unique: dict[str, Scenario] = {}
-        for row in rows:
-            unique.setdefault(row.label, row)
-        return list(unique.values())
+        low, mid, _ = self.levels
+        small, side, large = self.sides
+        g = self.groups()
+        peers = ["litellm"] if self.peers else []
+        proxies = ["upstream", BASELINE, "httpx", "flux-pass"]
+        rows: list[tuple[str, Ask, Sequence[str], Sequence[int], str | None]] = [
+            (g["a"], Ask("url", side, "url"), [*proxies, *peers], self.levels, g["a"]),
+            (g["b"], Ask("b64_json", side, "b64"), [*proxies, "flux-default", *peers],
+             self.levels, g["b"]),
+            (g["c"], Ask("url", side, "b64"), ["flux-default"], self.levels, g["b"]),
+            (g["d-webp"], Ask("b64_json", side, "b64", output_format="webp"),
+             ["flux-default"], [low], g["b"]),
+            (g["d-avif"], Ask("b64_json", side, "b64", output_format="avif"),
+             ["flux-default"], [low], g["b"]),
+            (g["e-1"], Ask("b64_json", side, "single"), ["flux-default"], [low, mid], None),
+            (g["e-4"], Ask("b64_json", side, "single", n=4), ["flux-default"], [low, mid], None),
+        ]  # fmt: skip
+        for key, size in (("f-small", small), ("f-large", large)):
+            ask = Ask("b64_json", size, "b64")
+            rows.append((g[key], ask, ["upstream", BASELINE, "flux-pass"], [mid], g[key]))
+        return [
+            Scenario(group, ask, target, level, baseline)
+            for group, ask, names, levels, baseline in rows
+            for target in names
+            for level in levels
+        ]
 
 
-def scenario_rows(concurrency: int) -> dict[str, str | None]:
-    """Every row the benchmark prints for this ``--concurrency``: label -> baseline label."""
-    return {s.label: s.baseline for s in Plan(1, concurrency, 0.0, 0.0).scenarios()}
+def megapixels(side: int) -> str:
+    mp = side * side / 2**20
+    return f"{mp:g} MP" if mp >= 0.25 else f"{side}px"
 
 
-@dataclass(slots=True)
-class Measured:
-    scenario: Scenario
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    elapsed: float = 0.0
-
-    @property
-    def rps(self) -> float:
-        return len(self.latencies) / self.elapsed if self.elapsed > 0 else 0.0
-
-    def percentile_ms(self, q: float) -> float:
-        """Nearest-rank percentile, in milliseconds."""
-        if not self.latencies:
-            return math.nan
-        ordered = sorted(self.latencies)
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000
-
-
-# --- processes ----------------------------------------------------------------------
+FULL = Plan((1, 16, 64), (512, 1024, 2048), 200, 3.0, 1.0, None, False)
+# Tiny images and counts: every target and check, in seconds (the CI smoke run).
+QUICK = Plan((1, 2, 4), (64, 128, 256), 20, 0.0, 0.0, 2, False)
 
 
 @dataclass(frozen=True, slots=True)
-class Cpus:
-    gateway: int | None
-    other: int | None  # the upstream and the load generator
+class Result:
+    scenario: Scenario
+    measured: Measured
+    peak_rss_mib: float
+    ratio: float  # req/s over the aiohttp forwarder's for the same shape and concurrency
 
-    @staticmethod
-    def choose() -> Cpus:
-        if not hasattr(os, "sched_getaffinity"):
-            return Cpus(None, None)
-        allowed = sorted(os.sched_getaffinity(0))
-        return Cpus(allowed[0], allowed[-1])
-
-    def describe(self) -> str:
-        if self.gateway is None:
-            return "no CPU pinning (os.sched_setaffinity unavailable)"
-        shared = " (the same CPU: results mean little)" if self.gateway == self.other else ""
-        return (
-            f"gateway on CPU {self.gateway}; upstream and load generator on CPU {self.other}"
-            + shared
-        )
-
-
-def _listening_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock
+    def row(self) -> dict[str, Any]:
+        s = self.scenario
+        return {
+            "label": s.label,
+            "group": s.group,
+            "target": s.target,
+            "concurrency": s.concurrency,
+            "request": asdict(s.ask),
+            **asdict(self.measured),
+            "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "ratio_to_aiohttp": None if math.isnan(self.ratio) else round(self.ratio, 4),
+            "first_answer_checked": True,
+        }
 
 
-@contextmanager
-def server_process(
-    role: str, cpu: int | None, lifetime: float, settings: dict[str, Any] | None = None
-) -> Iterator[tuple[str, subprocess.Popen[bytes], IO[bytes]]]:
-    """Start ``servers.py ROLE`` on a fresh loopback socket; always kill it afterwards."""
-    with tempfile.TemporaryFile() as log:
-        sock = _listening_socket()
-        port = sock.getsockname()[1]
-        command = [
-            sys.executable,
-            "-m",
-            "tests.benchmarks.servers",
-            role,
-            f"--fd={sock.fileno()}",
-            f"--lifetime={lifetime:.0f}",
-            f"--parent={os.getpid()}",
-            f"--settings={json.dumps(settings or {})}",
-        ]
-        if cpu is not None:
-            command.append(f"--cpu={cpu}")
-        try:
-            process = subprocess.Popen(
-                command, pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT
-            )
-        finally:
-            sock.close()  # the child has its own copy; if it dies, connections are refused
-        try:
-            yield f"http://127.0.0.1:{port}", process, log
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-
-
-def _output_of(log: IO[bytes]) -> str:
-    log.seek(0)
-    return log.read().decode(errors="replace")[-2000:]
-
-
-async def wait_ready(url: str, process: subprocess.Popen[bytes], log: IO[bytes]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    async with httpx.AsyncClient(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise BenchmarkError(f"{url} exited with {process.returncode}:\n{_output_of(log)}")
-            try:
-                if (await client.get(url)).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.05)
-    raise BenchmarkError(f"{url} did not start in {STARTUP_TIMEOUT:g} s:\n{_output_of(log)}")
-
-
-# --- load and checks ------------------------------------------------------------------
-
-
-async def closed_loop(
-    client: httpx.AsyncClient, url: str, body: bytes, scenario: Scenario, count: int, cap: float
-) -> Measured:
-    """``concurrency`` workers send ``count`` requests in all, or stop at ``cap`` seconds."""
-    measured = Measured(scenario)
-    remaining = count
-    headers = {"content-type": "application/json"}
-    started = time.perf_counter()
-    stop_at = started + cap
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0 and time.perf_counter() < stop_at:
-            remaining -= 1
-            sent = time.perf_counter()
-            try:
-                response = await client.post(url, content=body, headers=headers)
-            except httpx.HTTPError:
-                measured.errors += 1
-                continue
-            if response.status_code == 200:
-                measured.latencies.append(time.perf_counter() - sent)
-            else:
-                measured.errors += 1
-
-    await asyncio.gather(*(worker() for _ in range(scenario.concurrency)))
-    measured.elapsed = time.perf_counter() - started
-    return measured
+# --- checks -----------------------------------------------------------------------------
 
 
 def _image(data: bytes) -> tuple[str | None, tuple[int, int]]:
     with Image.open(io.BytesIO(data)) as image:
+        image.load()  # a truncated image fails here, not later
         return image.format, image.size
 
 
 async def check_answer(
-    client: httpx.AsyncClient, scenario: Scenario, response: httpx.Response, reference: bytes
+    client: httpx.AsyncClient,
+    scenario: Scenario,
+    response: httpx.Response,
+    references: dict[int, bytes],
 ) -> None:
-    """Fail unless the answer is what the row claims to measure."""
-    where = scenario.label
+    """Fail unless the answer is what the scenario claims to measure: the right number
+    of images, each the upstream's PNG byte for byte, or the asked format and size."""
+    ask, where = scenario.ask, scenario.label
     if response.status_code != 200:
         raise BenchmarkError(f"{where}: HTTP {response.status_code}: {response.text[:500]}")
-    entry = response.json()["data"][0]
-    if scenario.kind == "url":
-        linked = await client.get(entry["url"])
-        if linked.status_code != 200 or linked.content != reference:
-            raise BenchmarkError(f"{where}: the linked image is not the upstream's PNG")
-    elif scenario.kind == "b64":
-        if base64.b64decode(entry["b64_json"]) != reference:
-            raise BenchmarkError(f"{where}: the image is not the upstream's PNG, byte for byte")
-    elif _image(base64.b64decode(entry["b64_json"])) != ("WEBP", WORK_SIZE):
-        raise BenchmarkError(f"{where}: expected a {WORK_SIZE} WebP")
-    if scenario.target == "gateway":
-        report = json.loads(response.headers["x-flux-proxy-params"])
-        size = report.get("size", {}).get("handling")
-        expected = "emulated" if scenario.kind == "work" else "passthrough"
-        if size != expected:
-            raise BenchmarkError(f"{where}: size was {size!r}, expected {expected!r}: {report}")
+    entries = response.json().get("data")
+    if not isinstance(entries, list) or len(entries) != ask.n:
+        raise BenchmarkError(f"{where}: expected {ask.n} image(s), got {response.text[:300]}")
+    for entry in entries:
+        if ask.response_format == "url":
+            linked = await client.get(entry["url"])
+            if linked.status_code != 200:
+                raise BenchmarkError(f"{where}: the link answered HTTP {linked.status_code}")
+            data = linked.content
+        else:
+            data = base64.b64decode(entry["b64_json"], validate=True)
+        if ask.output_format is None:
+            if data != references[ask.side]:
+                raise BenchmarkError(f"{where}: the image is not the upstream's PNG, byte for byte")
+            continue
+        expected = (ask.output_format.upper(), (ask.side, ask.side))
+        if _image(data) != expected:
+            raise BenchmarkError(f"{where}: expected {expected}, got {_image(data)}")
 
 
-async def measure(scenario: Scenario, base_url: str, plan: Plan, reference: bytes) -> Measured:
-    url = base_url + GENERATIONS_PATH
-    body = scenario.body()
-    limits = httpx.Limits(
-        max_connections=scenario.concurrency, max_keepalive_connections=scenario.concurrency
-    )
-    async with httpx.AsyncClient(limits=limits, timeout=60.0) as client:
-        first = await client.post(url, content=body, headers={"content-type": "application/json"})
-        await check_answer(client, scenario, first, reference)
-        await closed_loop(client, url, body, scenario, plan.warmup(scenario), plan.warmup_seconds)
-        return await closed_loop(client, url, body, scenario, scenario.requests, plan.seconds)
-
-
-async def reference_png(upstream: str) -> bytes:
-    """The upstream's PNG, fetched once: what every pass-through answer must carry."""
-    body = Scenario("b64", "direct", 1, 1).body()
+async def reference_pngs(upstream: Server, sides: Sequence[int]) -> dict[int, bytes]:
+    """The upstream's PNGs: what every answer that changes nothing must carry."""
+    pngs: dict[int, bytes] = {}
     async with httpx.AsyncClient(timeout=30.0) as client:
-        response = await client.post(upstream + GENERATIONS_PATH, content=body)
-        response.raise_for_status()
-        png = base64.b64decode(response.json()["data"][0]["b64_json"])
-    if _image(png) != ("PNG", (PNG_SIDE, PNG_SIDE)):
-        raise BenchmarkError("the fake upstream did not answer with its 1024x1024 PNG")
-    return png
+        for side in sides:
+            response = await client.get(upstream.url + file_path(side))
+            response.raise_for_status()
+            if _image(response.content) != ("PNG", (side, side)):
+                raise BenchmarkError(f"the fake upstream's {side}px image is not a PNG of it")
+            pngs[side] = response.content
+    return pngs
 
 
-async def run_all(plan: Plan, upstream: str, gateway: str) -> list[Measured]:
-    reference = await reference_png(upstream)
-    results = []
-    for scenario in plan.scenarios():
-        base_url = gateway if scenario.target == "gateway" else upstream
-        results.append(await measure(scenario, base_url, plan, reference))
-    return results
+def raw_encode_ms(png: bytes, fmt: str, cpu: int | None, repeats: int) -> float:
+    """Median time for Pillow alone to decode the PNG and encode ``fmt`` as the gateway
+    does (quality 100), on the servers' CPU while they are idle."""
+    before = os.sched_getaffinity(0) if cpu is not None else None
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            with Image.open(io.BytesIO(png)) as image:
+                image.save(io.BytesIO(), fmt.upper(), quality=100)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1000
+    finally:
+        if before is not None:
+            os.sched_setaffinity(0, before)
 
 
-# --- output ---------------------------------------------------------------------------
+# --- running ------------------------------------------------------------------------------
+
+
+async def measure_all(
+    plan: Plan, servers: dict[str, Server], generator: Generator, progress: Callable[[str], None]
+) -> tuple[list[Result], dict[int, bytes]]:
+    await asyncio.gather(*(server.wait_ready() for server in servers.values()))
+    references = await reference_pngs(servers["upstream"], plan.sides)
+    headers = {"Authorization": f"Bearer {targets.CLIENT_KEY}", "Content-Type": "application/json"}
+    results: list[Result] = []
+    by_key: dict[tuple[str, str, int], Measured] = {}
+    async with httpx.AsyncClient(timeout=120.0, headers=headers) as client:
+        for scenario in plan.scenarios():
+            server = servers[scenario.target]
+            url = server.url + GENERATIONS
+            body = scenario.ask.body(scenario.target)
+            await check_answer(client, scenario, await client.post(url, content=body), references)
+            server.reset_peak_memory()
+            measured = await generator.run(url, body, headers, plan.load(scenario.concurrency))
+            if measured.requests == 0:
+                raise BenchmarkError(f"{scenario.label}: no request completed")
+            by_key[scenario.group, scenario.target, scenario.concurrency] = measured
+            base = by_key.get((scenario.baseline_group or "", BASELINE, scenario.concurrency))
+            ratio = measured.rps / base.rps if base and base.rps else math.nan
+            result = Result(scenario, measured, server.peak_memory_mib(), ratio)
+            results.append(result)
+            progress(format_row(result))
+    return results, references
+
+
+# --- report -------------------------------------------------------------------------------
+
+HEADER = (
+    f"{'scenario':<22} {'target':<13} {'c':>3} {'n':>6} {'err':>4} {'req/s':>9}"
+    f" {'p50 ms':>8} {'p99 ms':>8} {'peak MiB':>8} {'x aiohttp':>9}"
+)
 
 
 def _fmt(value: float, digits: int) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def table(results: Sequence[Measured]) -> str:
-    by_label = {result.scenario.label: result for result in results}
-    header = (
-        f"{'scenario':<24} {'n':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'err':>4}"
-        f"  {'baseline':<20} {'req/s ratio':>11} {'p50 ratio':>9}"
+def format_row(result: Result) -> str:
+    s, m = result.scenario, result.measured
+    return (
+        f"{s.group:<22} {s.target:<13} {s.concurrency:>3} {m.requests:>6} {m.errors:>4}"
+        f" {m.rps:>9.1f} {_fmt(m.p50_ms, 2):>8} {_fmt(m.p99_ms, 2):>8}"
+        f" {result.peak_rss_mib:>8.0f} {_fmt(result.ratio, 3):>9}"
     )
-    lines = [header, "-" * len(header)]
-    for result in results:
-        baseline_label = result.scenario.baseline
-        base = by_label.get(baseline_label) if baseline_label else None
-        rps_ratio = p50_ratio = math.nan
-        if base is not None and base.rps > 0:
-            rps_ratio = result.rps / base.rps
-            p50_ratio = result.percentile_ms(0.5) / base.percentile_ms(0.5)
-        lines.append(
-            f"{result.scenario.label:<24} {len(result.latencies):>5} {result.rps:>8.1f}"
-            f" {_fmt(result.percentile_ms(0.5), 2):>8} {_fmt(result.percentile_ms(0.99), 2):>8}"
-            f" {result.errors:>4}  {baseline_label or '-':<20}"
-            f" {_fmt(rps_ratio, 2):>11} {_fmt(p50_ratio, 2):>9}"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    target: str  # the issue's wording
+    measured: str  # how it came out
+    met: bool | None  # None: not measured in this run
+
+    def line(self) -> str:
+        mark = {True: "PASS", False: "MISS", None: "n/a "}[self.met]
+        return f"{mark}  {self.target:<58} {self.measured}"
+
+
+def verdicts(plan: Plan, results: Sequence[Result], encode_ms: dict[str, float]) -> list[Verdict]:
+    """Issue 7's targets, each a ratio from this run (at the middle level unless said)."""
+    at: dict[tuple[str, str, int], Measured] = {
+        (r.scenario.group, r.scenario.target, r.scenario.concurrency): r.measured for r in results
+    }
+    peak = {(r.scenario.group, r.scenario.target, r.scenario.concurrency): r.peak_rss_mib
+            for r in results}  # fmt: skip
+    low, mid, high = plan.levels
+    g = plan.groups()
+    out: list[Verdict] = []
+
+    def ratio(name: str, group: str, target: str, base_group: str, base: str, limit: float) -> None:
+        a, b = at.get((group, target, mid)), at.get((base_group, base, mid))
+        if a is None or b is None or not b.rps:
+            out.append(Verdict(name, "not measured", None))
+            return
+        value = a.rps / b.rps
+        out.append(Verdict(name, f"{value:.3f}x ({a.rps:.1f} / {b.rps:.1f} req/s)", value >= limit))
+
+    ratio(f"(a) url c={mid}: flux-pass >= 0.8x aiohttp", g["a"], "flux-pass", g["a"], BASELINE, 0.8)
+    flux_a, fwd_a = at[g["a"], "flux-pass", low], at[g["a"], BASELINE, low]
+    added = flux_a.p50_ms - fwd_a.p50_ms
+    out.append(
+        Verdict(
+            f"(a) url c={low}: added p50 <= 0.5 ms over aiohttp's",
+            f"+{added:.2f} ms ({flux_a.p50_ms:.2f} vs {fwd_a.p50_ms:.2f} ms)",
+            added <= 0.5,
         )
-    lines += [
-        "",
-        "req/s ratio = gateway req/s / baseline req/s (1.00: the gateway costs no throughput);",
-        "p50 ratio = gateway p50 / baseline p50 (how many times longer a request takes).",
-    ]
-    lines += [f"{kind}: {text}" for kind, text in LEGEND.items()]
-    return "\n".join(lines)
+    )
+    ratio(f"(b) b64 c={mid}: flux-pass >= 0.8x aiohttp", g["b"], "flux-pass", g["b"], BASELINE, 0.8)
+    ratio(f"(c) hosted url c={mid}: >= 0.5x aiohttp's (b)", g["c"], "flux-default", g["b"],
+          BASELINE, 0.5)  # fmt: skip
+    forwarder_b = at[g["b"], BASELINE, low].p50_ms
+    for fmt in ("webp", "avif"):
+        p50 = at[g[f"d-{fmt}"], "flux-default", low].p50_ms
+        budget = 1.15 * (encode_ms[fmt] + forwarder_b)
+        out.append(
+            Verdict(
+                f"(d) -> {fmt} c={low}: p50 <= 1.15x (raw encode + (b) p50)",
+                f"{p50 / (encode_ms[fmt] + forwarder_b):.2f}x ({p50:.1f} ms; raw encode "
+                f"{encode_ms[fmt]:.1f} + aiohttp (b) {forwarder_b:.2f} ms)",
+                p50 <= budget,
+            )
+        )
+    one, four = at[g["e-1"], "flux-default", mid], at[g["e-4"], "flux-default", mid]
+    out.append(
+        Verdict(
+            f"(e) n=4 c={mid}: p50 <= 1.15x one image's",
+            f"{four.p50_ms / one.p50_ms:.2f}x ({four.p50_ms:.1f} vs {one.p50_ms:.1f} ms)",
+            four.p50_ms <= 1.15 * one.p50_ms,
+        )
+    )
+    out.append(linearity(plan, at))
+    rss = peak[g["b"], "flux-pass", high]
+    out.append(Verdict(f"(g) b64 c={high}: flux-pass peak RSS <= 150 MiB", f"{rss:.0f} MiB",
+                       rss <= 150))  # fmt: skip
+    for key in ("a", "b") if plan.peers else ():
+        for flux in FLUX:
+            if (g[key], flux, mid) in at:
+                ratio(f"{g[key]} c={mid}: {flux} >= 10x litellm", g[key], flux, g[key],
+                      "litellm", 10.0)  # fmt: skip
+    return out
 
 
-def _versions() -> str:
+def linearity(plan: Plan, at: dict[tuple[str, str, int], Measured]) -> Verdict:
+    """Cost per request (1 / req/s on a saturated CPU) against the answer's bytes: the
+    large image may cost no more than 1.15x the line through the small and middle ones."""
+    mid = plan.levels[1]
+    g = plan.groups()
+    points = []
+    for key, side in zip(("f-small", "b", "f-large"), plan.sides, strict=True):
+        measured = at[g[key], "flux-pass", mid]
+        points.append((side * side, 1000 / measured.rps))  # pixels stand in for bytes
+    (x0, y0), (x1, y1), (x2, y2) = points
+    costs = ", ".join(f"{y:.2f}" for _, y in points)
+    if y1 <= y0:  # noise larger than the cost of the bytes: no line to extend
+        return Verdict(f"(f) b64 c={mid}: cost grows linearly with bytes", costs, None)
+    predicted = y1 + (y1 - y0) / (x1 - x0) * (x2 - x1)
+    return Verdict(
+        f"(f) b64 c={mid}: cost grows linearly with bytes",
+        f"{y2 / predicted:.2f}x the line through the smaller two (ms/request: {costs})",
+        y2 <= 1.15 * predicted,
+    )
+
+
+def generator_check(plan: Plan, results: Sequence[Result]) -> tuple[bool, str]:
+    """The upstream driven directly must outrun every proxy by GENERATOR_HEADROOM."""
+    mid, g = plan.levels[1], plan.groups()
+    lines, ok = [], True
+    for key in ("a", "b"):
+        rows = {r.scenario.target: r.measured.rps for r in results
+                if r.scenario.group == g[key] and r.scenario.concurrency == mid}  # fmt: skip
+        direct = rows.pop("upstream")
+        fastest_name, fastest = max(rows.items(), key=lambda item: item[1])
+        enough = direct >= GENERATOR_HEADROOM * fastest
+        ok &= enough
+        lines.append(
+            f"{g[key]} c={mid}: upstream direct {direct:.0f} req/s = {direct / fastest:.1f}x the"
+            f" fastest proxy ({fastest_name}, {fastest:.0f})" + ("" if enough else "  TOO SLOW")
+        )
+    return ok, "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
     import uvicorn
 
-    return (
-        f"Python {platform.python_version()}, httpx {httpx.__version__}, "
-        f"uvicorn {uvicorn.__version__}, {os.cpu_count()} CPUs"
-    )
+    return {
+        "nproc": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "uvicorn": uvicorn.__version__,
+        "httpx": httpx.__version__,
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tests.benchmarks.bench_gateway",
-        description="Measure the gateway against its upstream, as ratios from one run.",
+        description="Measure flux-proxy beside thin Python forwarders, as ratios from one run.",
     )
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--peers", action="store_true", help="also measure LiteLLM's proxy")
+    parser.add_argument("--quick", action="store_true", help="tiny images and counts (CI smoke)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per scenario (default 3)")
     parser.add_argument(
-        "--requests",
-        type=int,
-        default=None,
-        help="requests per scenario with a small answer (b64: a quarter, image work: 1/40); "
-        "default 2000, or 200 with --quick",
+        "--generator",
+        choices=["auto", "h2load", "python"],
+        default="auto",
+        help="load generator (auto: h2load when installed; python is too slow for figures)",
     )
-    parser.add_argument(
-        "--concurrency", type=int, default=16, help="the high concurrency level (default 16)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=None,
-        help="warm-up requests per scenario, not measured (default: twice the concurrency, "
-        "at least a tenth of --requests, at most 200)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="short time caps and counts (CI smoke run)"
-    )
-    args = parser.parse_args(argv)
-    if args.requests is not None and args.requests < 1:
-        parser.error("--requests must be at least 1")
-    if args.warmup is not None and args.warmup < 0:
-        parser.error("--warmup must be at least 0")
-    if args.concurrency < 1:
-        parser.error("--concurrency must be at least 1")
-    return args
+    return parser.parse_args(argv)
+
+
+def choose_generator(choice: str, cpu: int | None) -> Generator:
+    executable = H2Load.find()
+    if choice == "h2load" and executable is None:
+        raise BenchmarkError("no h2load: apt-get install nghttp2-client")
+    if choice != "python" and executable is not None:
+        return H2Load(executable, cpu)
+    return PythonLoad()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    plan = Plan(
-        requests=args.requests or (200 if args.quick else 2000),
-        concurrency=args.concurrency,
-        seconds=0.8 if args.quick else 4.0,
-        warmup_seconds=0.2 if args.quick else 0.5,
-        warmup_requests=args.warmup,
-    )
-    scenarios = plan.scenarios()
-    # Bounded: every scenario's time caps, plus the start-up, plus slack.
-    lifetime = STARTUP_TIMEOUT + len(scenarios) * (plan.seconds + plan.warmup_seconds + 10)
+    plan = QUICK if args.quick else FULL
+    plan = Plan(**{**asdict(plan), "peers": args.peers})
+    if args.seconds is not None:
+        plan = Plan(**{**asdict(plan), "seconds": args.seconds})
+    info = machine()
     cpus = Cpus.choose()
     if cpus.other is not None:
         os.sched_setaffinity(0, {cpus.other})
-    print(f"flux-proxy gateway benchmark: {_versions()}; {cpus.describe()}", flush=True)
     started = time.monotonic()
     try:
-        with ExitStack() as stack:
-            upstream, up_process, up_log = stack.enter_context(
-                server_process("upstream", cpus.other, lifetime)
-            )
-            gateway, gw_process, gw_log = stack.enter_context(
-                server_process("gateway", cpus.gateway, lifetime, gateway_settings(upstream))
-            )
-
-            async def run() -> list[Measured]:
-                await wait_ready(upstream + "/health", up_process, up_log)
-                await wait_ready(gateway + "/v1/models", gw_process, gw_log)
-                return await run_all(plan, upstream, gateway)
-
-            results = _run(run())
-    except (BenchmarkError, httpx.HTTPError, KeyError, ValueError) as error:
+        generator = choose_generator(args.generator, cpus.other)
+        print(
+            f"flux-proxy benchmark: {info['nproc']} CPUs ({info['cpu']}), Python "
+            f"{info['python']}; {cpus.describe()}; load: {generator.name}, closed loop",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory(prefix="flux-bench-") as work:
+            servers = targets.all_servers(cpus, plan.sides, plan.delay_ms, Path(work), plan.peers)
+            try:
+                for server in servers.values():
+                    server.start()
+                print(HEADER, flush=True)
+                results, pngs = _run(measure_all(plan, servers, generator, print))
+            finally:
+                for server in servers.values():
+                    server.stop()
+        repeats = 3 if args.quick else 7
+        png = pngs[plan.sides[1]]
+        encode = {fmt: raw_encode_ms(png, fmt, cpus.server, repeats) for fmt in ("webp", "avif")}
+    except (BenchmarkError, httpx.HTTPError, OSError, KeyError, ValueError) as error:
         print(f"benchmark failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
-    print(table(results))
-    print(f"\ntotal {time.monotonic() - started:.1f} s", flush=True)
-    errors = sum(result.errors for result in results)
+    print(f"\nraw Pillow decode + encode of the {plan.sides[1]}px PNG, median: "
+          + ", ".join(f"{fmt} {ms:.1f} ms" for fmt, ms in encode.items()))  # fmt: skip
+    print("\ntargets (issue 7; a report, not a test):")
+    found = verdicts(plan, results, encode)
+    for verdict in found:
+        print("  " + verdict.line())
+    generator_ok, generator_text = generator_check(plan, results)
+    print(f"\nload generator check:\n{generator_text}")
+    print(f"\ntotal {time.monotonic() - started:.0f} s", flush=True)
+    if args.json:
+        report = {
+            "command": ["python", "-m", "tests.benchmarks.bench_gateway", *(argv or sys.argv[1:])],
+            "machine": info,
+            "cpus": cpus.describe(),
+            "generator": generator.name,
+            "plan": asdict(plan),
+            "raw_encode_ms": encode,
+            "scenarios": [result.row() for result in results],
+            "targets": [asdict(verdict) for verdict in found],
+            "generator_check": {"ok": generator_ok, "detail": generator_text},
+        }
+        args.json.write_text(json.dumps(report, indent=2))
+    errors = sum(result.measured.errors for result in results)
     if errors:
         print(f"benchmark failed: {errors} request(s) did not get HTTP 200", file=sys.stderr)
+        return 1
+    if not generator_ok and not args.quick and generator.name == "h2load":
+        print("benchmark failed: the load generator is too slow to tell", file=sys.stderr)
         return 1
     return 0
 

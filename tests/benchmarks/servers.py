@@ -1,74 +1,85 @@
-"""The two server processes of the gateway benchmark.
+"""The benchmark's fake OpenAI Images upstream: as fast as a Python server can answer.
 
-``python -m tests.benchmarks.servers upstream|gateway --fd FD ...`` runs one of them
-under uvicorn on a listening socket the parent process bound and passed down:
+``python -m tests.benchmarks.servers --port N [--parent PID]`` serves, under uvicorn:
 
-- ``upstream``: a fast fake OpenAI Images server. ``POST /v1/images/generations``
-  answers from bodies built once at start: a 1024x1024 PNG (about 1 MB) as
-  ``b64_json``, or, when the request asks for ``response_format: url``, a link
-  to the same PNG at ``GET /files/bench.png``.
-- ``gateway``: ``flux_proxy.FluxProxy`` with the settings given as JSON.
+- ``POST [/single][/delay/MS]/v1/images/generations``: ``n`` copies of a pre-encoded PNG
+  of the requested ``size`` (one of ``SIDES``), as ``b64_json`` or, for
+  ``response_format: url``, as links to ``GET /files/SIDE.png``. ``/single`` makes one
+  image per call whatever ``n`` says (like most real image models); ``/delay/MS`` waits
+  that many milliseconds before answering (like a model that takes time to render).
+- ``GET /files/SIDE.png``: the PNG itself; ``GET /health``: ``ok``.
 
-Each process pins itself to one CPU (``--cpu``, where ``os.sched_setaffinity``
-exists) and exits by itself after ``--lifetime`` seconds or as soon as the
-process that started it is gone, so nothing outlives the benchmark.
+Every answer body is built once and kept, so a request costs the parse of its small
+JSON and one write. The process exits by itself as soon as ``--parent`` is gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
 import json
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import uvicorn
 from PIL import Image, ImageChops
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-PNG_SIDE = 1024
-PNG_PATH = "/files/bench.png"
-GENERATIONS_PATH = "/v1/images/generations"
+# Square images of 0.25, 1 and 4 megapixels: scenario (f) grows the bytes by 4x twice.
+SIDES = (512, 1024, 2048)
+DEFAULT_SIDE = 1024
+GENERATIONS = "/v1/images/generations"
 
 Headers = list[tuple[bytes, bytes]]
+Answer = tuple[Headers, bytes]
 
 
-def bench_png() -> bytes:
-    """A deterministic 1024x1024 PNG of about 1 MB: gradients with a little noise.
+def bench_png(side: int) -> bytes:
+    """A deterministic square PNG about as large as a generated one (~1 MB per megapixel).
 
-    Flat test pictures compress to a few kilobytes; this one is the size of a
-    real generated image, so copying and base64 cost what they cost in production.
+    Flat test pictures compress to a few kilobytes; gradients with a little noise
+    compress like a photograph, so copying and base64 cost what they cost for real.
     """
-    gradient = Image.linear_gradient("L").resize((PNG_SIDE, PNG_SIDE))
+    gradient = Image.linear_gradient("L").resize((side, side))
     rgb = Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180)))
-    noise_bytes = random.Random(7).randbytes(PNG_SIDE * PNG_SIDE * 3)
-    noise = Image.frombytes("RGB", (PNG_SIDE, PNG_SIDE), noise_bytes).point(
-        lambda value: value * 3 // 256
-    )
+    noise_bytes = random.Random(side).randbytes(side * side * 3)
+    noise = Image.frombytes("RGB", (side, side), noise_bytes).point(lambda v: v * 3 // 256)
     buffer = io.BytesIO()
-    ImageChops.add(rgb, noise).save(buffer, "PNG")
+    ImageChops.add(rgb, noise).save(buffer, "PNG", compress_level=1)
     return buffer.getvalue()
 
 
-class FakeUpstream:
-    """A plain ASGI app: no framework, no per-request allocation beyond the request."""
+def file_path(side: int) -> str:
+    return f"/files/{side}.png"
 
-    def __init__(self, png: bytes, base_url: str) -> None:
-        self._png = png
-        b64 = base64.b64encode(png).decode("ascii")
-        self._b64_body = json.dumps({"created": 1, "data": [{"b64_json": b64}]}).encode()
-        self._url_body = json.dumps(
-            {"created": 1, "data": [{"url": f"{base_url}{PNG_PATH}"}]}
-        ).encode()
-        self._png_headers = _headers("image/png", len(png))
-        self._b64_headers = _headers("application/json", len(self._b64_body))
-        self._url_headers = _headers("application/json", len(self._url_body))
+
+class FakeUpstream:
+    """A plain ASGI app: no framework, and answers are cached by what decides them."""
+
+    def __init__(self, base_url: str, sides: Sequence[int] = SIDES) -> None:
+        self._base_url = base_url
+        self._pngs = {side: bench_png(side) for side in sides}
+        self._b64 = {side: base64.b64encode(png).decode() for side, png in self._pngs.items()}
+        self._answers: dict[tuple[int, str, int], Answer] = {}
+        self._files = {
+            file_path(s): (_headers("image/png", len(p)), p) for s, p in self._pngs.items()
+        }
+
+    def answer(self, side: int, response_format: str, n: int) -> Answer:
+        key = (side, response_format, n)
+        if key not in self._answers:
+            if response_format == "url":
+                entry = {"url": self._base_url + file_path(side)}
+            else:
+                entry = {"b64_json": self._b64[side]}
+            body = json.dumps({"created": 1, "data": [entry] * n}).encode()
+            self._answers[key] = (_headers("application/json", len(body)), body)
+        return self._answers[key]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -76,19 +87,29 @@ class FakeUpstream:
             return
         if scope["type"] != "http":
             return
-        path, method = scope["path"], scope["method"]
-        if path == GENERATIONS_PATH and method == "POST":
-            request = json.loads(await _read_body(receive) or b"{}")
-            if request.get("response_format") == "url":
-                await _respond(send, 200, self._url_headers, self._url_body)
-            else:
-                await _respond(send, 200, self._b64_headers, self._b64_body)
-        elif path == PNG_PATH and method == "GET":
-            await _respond(send, 200, self._png_headers, self._png)
+        path: str = scope["path"]
+        if scope["method"] == "POST" and path.endswith(GENERATIONS):
+            await self._generate(path.removesuffix(GENERATIONS), receive, send)
+        elif path in self._files:
+            await _respond(send, 200, *self._files[path])
         elif path == "/health":
             await _respond(send, 200, _headers("text/plain", 2), b"ok")
         else:
             await _respond(send, 404, _headers("text/plain", 9), b"not found")
+
+    async def _generate(self, prefix: str, receive: Receive, send: Send) -> None:
+        """``prefix`` is the mode: ``""``, ``/single``, ``/delay/MS`` or both."""
+        request = json.loads(await _read_body(receive) or b"{}")
+        side = int(str(request.get("size", f"{DEFAULT_SIDE}x")).split("x")[0])
+        if side not in self._pngs:
+            body = b'{"error": {"message": "unsupported size", "type": "invalid_request_error"}}'
+            await _respond(send, 400, _headers("application/json", len(body)), body)
+            return
+        parts = prefix.strip("/").split("/")
+        n = 1 if "single" in parts else int(request.get("n", 1))
+        if "delay" in parts:
+            await asyncio.sleep(int(parts[parts.index("delay") + 1]) / 1000)
+        await _respond(send, 200, *self.answer(side, request.get("response_format", "url"), n))
 
 
 def _headers(media_type: str, length: int) -> Headers:
@@ -122,72 +143,23 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def gateway_settings(upstream_url: str) -> dict[str, Any]:
-    """One ``openai`` model whose capabilities make a 1024x1024 PNG request a pass-through.
-
-    ``bench`` declares 1024x1024 as its only native size and PNG as its only format,
-    so a 1024x1024 PNG request reaches the upstream unchanged and its bytes come back
-    untouched, while ``1000x750`` + ``webp`` makes the gateway resize and transcode.
-    """
-    return {
-        "models": {
-            "bench": {
-                "provider": "openai",
-                "upstream_model": "bench-image",
-                "base_url": f"{upstream_url}/v1",
-                "capabilities": {
-                    "sizes": {"presets": [f"{PNG_SIDE}x{PNG_SIDE}"]},
-                    "default_size": f"{PNG_SIDE}x{PNG_SIDE}",
-                    "max_images_per_call": 10,
-                    "output_formats": ["png"],
-                },
-                "options": {"response_format": "b64_json"},
-            }
-        },
-        # Each url request hosts a 1 MB image; keep the gateway's memory bounded.
-        "store": {"max_bytes": 64 * 1024 * 1024},
-    }
-
-
-def _watchdog(parent: int, lifetime: float) -> None:
-    """Exit when the parent is gone or the lifetime is over, whatever else happens."""
-    deadline = time.monotonic() + lifetime
-    while time.monotonic() < deadline and os.getppid() == parent:
+def _watchdog(parent: int) -> None:
+    """Exit when the process that started this one is gone, whatever else happens."""
+    while os.getppid() == parent:
         time.sleep(0.25)
     os._exit(3)
 
 
-def _pin(cpu: int | None) -> None:
-    if cpu is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cpu})
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("role", choices=["upstream", "gateway"])
-    parser.add_argument("--fd", type=int, required=True, help="listening socket to serve")
-    parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
-    parser.add_argument("--lifetime", type=float, default=120.0, help="seconds before exiting")
+    parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--parent", type=int, default=os.getppid(), help="exit when it is gone")
-    parser.add_argument("--settings", default="{}", help="gateway settings as JSON")
+    parser.add_argument("--sides", default=",".join(map(str, SIDES)), help="image sides to serve")
     args = parser.parse_args(argv)
-
-    _pin(args.cpu)  # first, so every thread started later inherits it
-    threading.Thread(target=_watchdog, args=(args.parent, args.lifetime), daemon=True).start()
-
-    sock = socket.socket(fileno=args.fd)
-    host, port = sock.getsockname()[:2]
-    app: ASGIApp
-    if args.role == "upstream":
-        app = FakeUpstream(bench_png(), f"http://{host}:{port}")
-    else:
-        from flux_proxy import FluxProxy
-
-        app = FluxProxy(json.loads(args.settings), environ={})
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    threading.Thread(target=_watchdog, args=(args.parent,), daemon=True).start()
+    sides = [int(side) for side in args.sides.split(",")]
+    app = FakeUpstream(f"http://127.0.0.1:{args.port}", sides)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""The benchmark's processes: started pinned to a CPU, waited for, measured, stopped.
+
+Each process gets a free loopback port, its own session (so stopping it stops its
+children too) and a log file that is shown when it fails to start. Peak memory is
+the kernel's high-water mark (``VmHWM``), reset before each scenario through
+``/proc/PID/clear_refs`` so every scenario reports its own peak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+STARTUP_TIMEOUT = 90.0
+
+
+class BenchmarkError(Exception):
+    """The benchmark could not measure what it claims to (bad answer, server failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cpus:
+    """Where things run: each server on ``server`` and everything else on ``other``."""
+
+    server: int | None
+    other: int | None
+
+    @staticmethod
+    def choose() -> Cpus:
+        if not hasattr(os, "sched_getaffinity"):
+            return Cpus(None, None)
+        allowed = sorted(os.sched_getaffinity(0))
+        return Cpus(allowed[0], allowed[-1])
+
+    def describe(self) -> str:
+        if self.server is None:
+            return "no CPU pinning (os.sched_setaffinity unavailable)"
+        if self.server == self.other:
+            return f"one CPU ({self.server}) for everything: ratios mean little"
+        return (
+            f"each server pinned to CPU {self.server} (one measured at a time); "
+            f"upstream, load generator and harness on CPU {self.other}"
+        )
+
+
+def pinned(cpu: int | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins the child before it execs: all its threads inherit it."""
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """One server process on loopback, started by ``start`` and ended by ``stop``."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        port: int,
+        log: Path,
+        cpu: int | None,
+        env: Mapping[str, str] | None = None,
+        ready_path: str = "/health",
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._command = list(command)
+        self._log = log
+        self._cpu = cpu
+        self._env = {**os.environ, **(env or {})}
+        self._ready_path = ready_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self._log.open("wb") as log:
+            self._process = subprocess.Popen(
+                self._command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+                start_new_session=True,
+                preexec_fn=pinned(self._cpu),  # the parent starts no threads before this
+            )
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise BenchmarkError(f"{self.name} was never started")
+        return self._process.pid
+
+    def output(self) -> str:
+        return self._log.read_text(errors="replace")[-3000:]
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self._process is None or self._process.poll() is not None:
+                    raise BenchmarkError(f"{self.name} exited at start-up:\n{self.output()}")
+                with suppress(httpx.HTTPError):
+                    if (await client.get(self.url + self._ready_path)).status_code < 500:
+                        return
+                await asyncio.sleep(0.1)
+        raise BenchmarkError(
+            f"{self.name} did not start in {STARTUP_TIMEOUT:g} s:\n{self.output()}"
+        )
+
+    def reset_peak_memory(self) -> None:
+        for pid in self._tree():
+            with suppress(OSError):
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+    def peak_memory_mib(self) -> float:
+        """Peak resident memory of the process and its children, since the last reset."""
+        total_kib = 0
+        for pid in self._tree():
+            with suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total_kib += int(line.split()[1])
+        return total_kib / 1024
+
+    def _tree(self) -> list[int]:
+        pids, index = [self.pid], 0
+        while index < len(pids):
+            with suppress(OSError):
+                for task in Path(f"/proc/{pids[index]}/task").iterdir():
+                    pids += [int(child) for child in (task / "children").read_text().split()]
+            index += 1
+        return pids
+
+    def stop(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        with suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGTERM)
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait(timeout=5)
