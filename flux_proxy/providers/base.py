@@ -217,6 +217,18 @@ class UpstreamProvider(Generic[SpecT, OptionsT]):
                 image.revised_prompt = upstream.redact(image.revised_prompt, limit=None)
         return images
 
+    async def image_at(
+        self, url: str, seed: int | None = None, width: int | None = None, height: int | None = None
+    ) -> GeneratedImage:
+        """The image an answer names: a URL the core fetches when it needs the bytes, or a
+        ``data:`` URI decoded here (size-capped), so that no data: URI travels further."""
+        image = GeneratedImage(seed=seed, width=width, height=height)
+        if url.startswith("data:"):
+            image.data = await self.runtime.fetcher.fetch(url)
+        else:
+            image.url = url
+        return image
+
     def upstream(self, job: ImageJob, entry: ModelEntry[SpecT, OptionsT]) -> Upstream:
         """The line to the upstream for one call: key (502 naming the variable if unset)."""
         runtime = self.runtime

@@ -287,25 +287,14 @@ class FalProvider(sdk.UpstreamProvider[FalModel, FalOptions]):
             )
         if len(items) < job.n:
             raise sdk.UpstreamError(f"fal returned {len(items)} image(s) where {job.n} were asked.")
-        seed = output.get("seed")
         images = []
         for item in items[: job.n]:
             url = item.get("url") if isinstance(item, dict) else None
             if not isinstance(url, str):
                 raise sdk.UpstreamError("fal returned an image entry without a URL.")
-            width, height = item.get("width"), item.get("height")
-            image = sdk.GeneratedImage(
-                seed=seed if isinstance(seed, int) else None,
-                width=width if isinstance(width, int) else None,
-                height=height if isinstance(height, int) else None,
-            )
-            if url.startswith("data:"):
-                # sync_mode: the image is inline. Bytes (size-capped), so no data: URI
-                # travels further.
-                image.data = await self.runtime.fetcher.fetch(url)
-            else:
-                image.url = url
-            images.append(image)
+            sides = (_int(item.get("width")), _int(item.get("height")))
+            # With sync_mode the url is a data: URI.
+            images.append(await self.image_at(url, _int(output.get("seed")), *sides))
         return images
 
     # --- errors -------------------------------------------------------------------
@@ -345,6 +334,10 @@ def _infrastructure_error(error_type: str, detail: str | None) -> sdk.UpstreamEr
     if error_type.endswith("_timeout"):
         return sdk.UpstreamTimeout(f"fal timed out ({error_type}): {text}")
     return sdk.UpstreamError(f"fal failed ({error_type}): {text}")
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _log_lines(status: dict[str, Any], seen: int, upstream: sdk.Upstream) -> int:

@@ -237,15 +237,8 @@ class ReplicateProvider(sdk.UpstreamProvider[ReplicateModel, ReplicateOptions]):
             raise sdk.UpstreamError(
                 f"The replicate prediction succeeded without an output{removed}."
             )
-        images = []
-        for uri in uris[: job.n]:
-            if uri.startswith("data:"):
-                # Some sync answers inline the file; decode it (size-capped) once, here.
-                data = await self.runtime.fetcher.fetch(uri)
-                images.append(sdk.GeneratedImage(data=data, seed=job.seed))
-            else:
-                images.append(sdk.GeneratedImage(url=uri, seed=job.seed))
-        return images
+        # Some sync answers inline the file as a data: URI.
+        return [await self.image_at(uri, seed=job.seed) for uri in uris[: job.n]]
 
 
 def _prediction(upstream: sdk.Upstream, response: httpx.Response) -> dict[str, Any]:
