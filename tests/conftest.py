@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from flux_proxy import FluxProxy
-from tests.servers import serve
+from tests.servers import ServerPool, ServeUpstream, serve
 from tests.trust_store import lazy_ca_store
 
 
@@ -22,6 +22,26 @@ def cheap_tls_contexts() -> Iterator[None]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def server_pool() -> Iterator[ServerPool]:
+    pool = ServerPool()
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def serve_upstream(server_pool: ServerPool) -> Iterator[ServeUpstream]:
+    """Serve an upstream app (an emulator, a recorder) for this test; returns its base URL.
+
+    The loopback server is kept for the session; the app is the test's own, so pass a
+    fresh one: nothing of one test's upstream state can reach the next.
+    """
+    with ExitStack() as stack:
+        yield lambda app: stack.enter_context(server_pool.serve(app))
 
 
 @pytest.fixture

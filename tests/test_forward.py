@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from flux_proxy.config import ConfigError, load_settings
 from tests.openapi import assert_openai_error
-from tests.servers import serve
+from tests.servers import ServeUpstream, serve
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 BIG_CHUNKS = 128  # of 64 KiB: 8 MiB
@@ -153,14 +153,13 @@ def upstream_app(upstream: Upstream) -> Starlette:
 
 
 @pytest.fixture
-def upstream() -> Iterator[Upstream]:
+def upstream(serve_upstream: ServeUpstream) -> Iterator[Upstream]:
     recorder = Upstream(url="")
-    with serve(upstream_app(recorder)) as url:
-        recorder.url = url
-        try:
-            yield recorder
-        finally:
-            recorder.release.set()  # let any parked handler finish so the server can stop
+    recorder.url = serve_upstream(upstream_app(recorder))
+    try:
+        yield recorder
+    finally:
+        recorder.release.set()  # let any parked handler finish before the app is unplugged
 
 
 @pytest.fixture

@@ -12,18 +12,17 @@ import pytest
 
 from tests.images import assert_image, data_of
 from tests.openapi import assert_openai_error
-from tests.servers import serve
+from tests.servers import ServeUpstream, serve
 from tests.upstream_openai import RecordingUpstream
 
 SECRET = "sk-upstream-secret-0123456789"
 
 
 @pytest.fixture
-def recorder():
+def recorder(serve_upstream: ServeUpstream) -> RecordingUpstream:
     upstream = RecordingUpstream()
-    with serve(upstream.app()) as url:
-        upstream.url = url  # type: ignore[attr-defined]
-        yield upstream
+    upstream.url = serve_upstream(upstream.app())  # type: ignore[attr-defined]
+    return upstream
 
 
 def config(url: str, **model: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.images import assert_image, data_of
-from tests.servers import serve
+from tests.servers import ServeUpstream
 from tests.upstream_openai import RecordingUpstream
 
 
@@ -79,10 +79,9 @@ def test_default_format_is_png(client: openai.OpenAI) -> None:
 
 
 @pytest.fixture
-def upstream():
+def upstream(serve_upstream: ServeUpstream) -> tuple[RecordingUpstream, str]:
     recorder = RecordingUpstream()
-    with serve(recorder.app()) as url:
-        yield recorder, url
+    return recorder, serve_upstream(recorder.app())
 
 
 def openai_model(url: str, **capabilities: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.images import assert_image, data_of
 from tests.openapi import assert_openai_error
-from tests.servers import serve
+from tests.servers import ServeUpstream, serve
 from tests.upstream_openai import RecordingUpstream
 
 KEY = "test-signing-key"
@@ -96,10 +96,9 @@ def test_directory_store_survives_a_restart(start_gateway, tmp_path):
 
 
 @pytest.fixture
-def url_upstream():
+def url_upstream(serve_upstream: ServeUpstream) -> tuple[RecordingUpstream, str]:
     recorder = RecordingUpstream()
-    with serve(recorder.app()) as url:
-        yield recorder, url
+    return recorder, serve_upstream(recorder.app())
 
 
 def url_model(url: str, **store: Any) -> dict[str, Any]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -16,21 +15,21 @@ from flux_proxy_bfl.emulator import create_app as bfl_emulator
 from flux_proxy_fal.emulator import create_app as fal_emulator
 from flux_proxy_replicate.emulator import create_app as replicate_emulator
 from tests.images import assert_image, data_of
-from tests.servers import serve
+from tests.servers import ServeUpstream
 
 KEY = "emulator-key"
 FAST_POLLS = {"poll_interval": 0.05, "poll_max_interval": 0.1}
 
 
-@pytest.fixture(scope="module")
-def emulators() -> Iterator[dict[str, str]]:
+@pytest.fixture
+def emulators(serve_upstream: ServeUpstream) -> dict[str, str]:
+    """Fresh emulators for each test, on the session's shared loopback servers."""
     apps = {
         "bfl": bfl_emulator(polls_before_ready=2, retry_after=None),
         "fal": fal_emulator(polls_before_ready=2),
         "replicate": replicate_emulator(polls_until_ready=2, finish_within_wait=False),
     }
-    with ExitStack() as stack:
-        yield {name: stack.enter_context(serve(app)) for name, app in apps.items()}
+    return {name: serve_upstream(app) for name, app in apps.items()}
 
 
 def provider(name: str, url: str, key_env: str = "EMULATOR_KEY") -> dict[str, Any]:

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from starlette.applications import Starlette
-from starlette.types import Receive, Scope, Send
 
 from flux_proxy.config import ConfigError
 from flux_proxy_fal.emulator import FalEmulator, Recorded, create_app
 from tests.images import assert_image
 from tests.openapi import assert_openai_error
-from tests.servers import serve
+from tests.servers import ServeUpstream
 from tests.sse import stream_events
 from tests.waiting import wait_for
 
@@ -45,31 +43,11 @@ class Fal:
         return self.emulator.calls(method, path_part)
 
 
-class Switch:
-    """One emulator server for the module; each test plugs in a fresh emulator app."""
-
-    def __init__(self) -> None:
-        self.app: Starlette | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            return  # the emulator has no lifespan work
-        assert self.app is not None
-        await self.app(scope, receive, send)
-
-
-@pytest.fixture(scope="module")
-def fal_server() -> Iterator[tuple[Switch, str]]:
-    switch = Switch()
-    with serve(switch) as url:
-        yield switch, url
-
-
 @pytest.fixture
-def fal(fal_server: tuple[Switch, str]) -> Fal:
-    switch, url = fal_server
-    switch.app = create_app(key=KEY, polls_before_ready=2)
-    return Fal(switch.app.state.emulator, url)
+def fal(serve_upstream: ServeUpstream) -> Fal:
+    """A fresh emulator for the test, on the session's shared loopback server."""
+    app = create_app(key=KEY, polls_before_ready=2)
+    return Fal(app.state.emulator, serve_upstream(app))
 
 
 def settings(

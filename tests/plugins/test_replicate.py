@@ -7,7 +7,6 @@ import base64
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from typing import Any
 
 import httpx
@@ -20,7 +19,7 @@ from flux_proxy.config import ConfigError
 from flux_proxy_replicate.emulator import ReplicateEmulator, create_app
 from tests.images import assert_image, data_of, decode
 from tests.openapi import assert_openai_error
-from tests.servers import serve
+from tests.servers import ServeUpstream, serve
 from tests.sse import stream_events
 from tests.waiting import wait_for
 
@@ -49,22 +48,21 @@ def config(url: str, *, limits: dict[str, Any] | None = None, **entry: Any) -> d
 
 
 @pytest.fixture
-def start(start_gateway: Callable[..., str]) -> Iterator[Start]:
-    """Serve an emulator with ``knobs`` and a gateway in front of it."""
-    with ExitStack() as stack:
+def start(start_gateway: Callable[..., str], serve_upstream: ServeUpstream) -> Start:
+    """Serve a fresh emulator with ``knobs`` and a gateway in front of it."""
 
-        def run(
-            knobs: dict[str, Any] | None = None,
-            *,
-            environ: dict[str, str] | None = None,
-            **entry: Any,
-        ) -> tuple[ReplicateEmulator, str]:
-            app = create_app(**{"api_key": KEY, **(knobs or {})})
-            url = stack.enter_context(serve(app))
-            environ = {"REPLICATE_API_TOKEN": KEY} if environ is None else environ
-            return app.state.emulator, start_gateway(config(url, **entry), environ=environ)
+    def run(
+        knobs: dict[str, Any] | None = None,
+        *,
+        environ: dict[str, str] | None = None,
+        **entry: Any,
+    ) -> tuple[ReplicateEmulator, str]:
+        app = create_app(**{"api_key": KEY, **(knobs or {})})
+        url = serve_upstream(app)
+        environ = {"REPLICATE_API_TOKEN": KEY} if environ is None else environ
+        return app.state.emulator, start_gateway(config(url, **entry), environ=environ)
 
-        yield run
+    return run
 
 
 def sdk(gateway: str) -> openai.OpenAI:
