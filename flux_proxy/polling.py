@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import anyio
 import httpx
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from flux_proxy.errors import GatewayError, UpstreamTimeout
 from flux_proxy.providers.base import ProviderOptions
@@ -76,6 +76,12 @@ class PollingOptions(ProviderOptions):
     # Give up polling after this long (504); unset: only the request's own deadline.
     poll_timeout: float | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _interval_order(self) -> PollingOptions:
+        if self.poll_interval > self.poll_max_interval:
+            raise ValueError("poll_interval must not exceed poll_max_interval")
+        return self
+
     @contextmanager
     def deadline(self, task: str) -> Iterator[None]:
         """Bound the block by ``poll_timeout``; past it, a 504 naming ``task``."""
@@ -89,10 +95,7 @@ class PollingOptions(ProviderOptions):
             ) from None
 
     def backoff(self) -> Backoff:
-        return Backoff(
-            initial=self.poll_interval,
-            maximum=max(self.poll_interval, self.poll_max_interval),
-        )
+        return Backoff(initial=self.poll_interval, maximum=self.poll_max_interval)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

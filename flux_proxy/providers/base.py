@@ -78,8 +78,8 @@ Options = TypeVar("Options", bound=BaseModel)
 def provider_options(model: type[Options], config: ProviderConfig) -> Options:
     """A model entry's ``options``, validated; a ConfigError names the bad key.
 
-    Providers call it from ``capabilities()`` so a typo fails at startup, where
-    the router adds which model the entry belongs to.
+    ``UpstreamProvider.entry`` calls it once per entry, at start-up, where the
+    router adds which model the entry belongs to.
     """
     try:
         return model.model_validate(config.options)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field
 
 from flux_proxy import sdk
 
@@ -121,12 +121,6 @@ class BflOptions(sdk.PollingOptions):
     trusted_hosts: tuple[str, ...] = Field(
         (), validation_alias=AliasChoices("trusted_hosts", "polling_hosts")
     )
-
-    @model_validator(mode="after")
-    def _interval_order(self) -> BflOptions:
-        if self.poll_interval > self.poll_max_interval:
-            raise ValueError("poll_interval must not exceed poll_max_interval")
-        return self
 
 
 Entry = sdk.ModelEntry[BflModel, BflOptions]
