@@ -245,7 +245,7 @@ def _prediction(upstream: sdk.Upstream, response: httpx.Response) -> dict[str, A
     payload = upstream.json_object(response, "prediction")
     status = payload.get("status")
     if status not in RUNNING_STATUSES and status not in TERMINAL_STATUSES:
-        shown = json.dumps(status)[:40]
+        shown = upstream.redact(json.dumps(status), limit=40)  # redacted before it is cut
         raise sdk.UpstreamError(f"The replicate upstream reported an unknown status {shown}.")
     return payload
 
