@@ -164,10 +164,7 @@ class FalProvider(sdk.UpstreamProvider[FalModel, FalOptions]):
         native = sdk.NativeBody(job)
         native.put("prompt", job.request.prompt)
         self._put_size(job, model, native)
-        if "n" in job.request.model_fields_set:
-            native.put("n", job.n)
-        else:
-            native.body["num_images"] = job.n  # fal's default is 1 too; sent to be explicit
+        native.put("n", job.n)  # as num_images; sent even at fal's default of 1, to be explicit
         if job.seed is not None:
             native.put("seed", job.seed)
         if job.output_format is not None:
