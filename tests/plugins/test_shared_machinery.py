@@ -268,3 +268,19 @@ def test_an_unknown_upstream_model_is_the_same_config_error_for_every_provider(
     assert str(raised.value).startswith(
         f"models.m: upstream_model: 'flux-9000' is not a model the {provider} provider knows"
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "where"),
+    [
+        ({"response_format": "bogus"}, "options.response_format"),
+        ({"send_seed": True}, "options.send_seed"),  # gone: capabilities.accepts_seed says it
+        ({"trusted_hosts": ["*.com"]}, "options.trusted_hosts"),
+    ],
+)
+def test_the_openai_providers_options_are_checked_at_start_up(
+    options: dict[str, Any], where: str
+) -> None:
+    entry = {"provider": "openai", "base_url": UPSTREAM, "options": options}
+    with pytest.raises(ConfigError, match=f"^models.m: {where}"):
+        FluxProxy({"models": {"m": entry}}, environ={})
