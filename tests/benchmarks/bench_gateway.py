@@ -99,6 +99,7 @@ class Plan:
     warmup: float
     requests: int | None  # fixed count per scenario (times concurrency) instead of seconds
     peers: bool
+    encode_repeats: int  # raw Pillow encodes timed for (d), the median reported
 
     def load(self, concurrency: int) -> Load:
         count = None if self.requests is None else self.requests * concurrency
@@ -152,9 +153,9 @@ def megapixels(side: int) -> str:
     return f"{mp:g} MP" if mp >= 0.25 else f"{side}px"
 
 
-FULL = Plan((1, 16, 64), (512, 1024, 2048), 200, 3.0, 1.0, None, False)
+FULL = Plan((1, 16, 64), (512, 1024, 2048), 200, 3.0, 1.0, None, False, 5)
 # Tiny images and counts: every target and check, in seconds (the CI smoke run).
-QUICK = Plan((1, 2, 4), (64, 128, 256), 20, 0.0, 0.0, 2, False)
+QUICK = Plan((1, 2, 4), (64, 128, 256), 20, 0.0, 0.0, 2, False, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,12 +241,12 @@ def raw_encode_ms(png: bytes, fmt: str, cpu: int | None, repeats: int) -> float:
         os.sched_setaffinity(0, {cpu})
     try:
         times = []
-        for _ in range(repeats):
+        for _ in range(repeats + 1):  # the first loads the codec: not timed
             started = time.perf_counter()
             with Image.open(io.BytesIO(png)) as image:
                 image.save(io.BytesIO(), fmt.upper(), quality=100)
             times.append(time.perf_counter() - started)
-        return statistics.median(times) * 1000
+        return statistics.median(times[1:]) * 1000
     finally:
         if before is not None:
             os.sched_setaffinity(0, before)
@@ -254,16 +255,36 @@ def raw_encode_ms(png: bytes, fmt: str, cpu: int | None, repeats: int) -> float:
 # --- running ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Run:
+    results: list[Result]
+    encode_ms: dict[str, float]  # Pillow alone, per format of scenario (d)
+
+
 async def measure_all(
-    plan: Plan, servers: dict[str, Server], generator: Generator, progress: Callable[[str], None]
-) -> tuple[list[Result], dict[int, bytes]]:
+    plan: Plan,
+    servers: dict[str, Server],
+    generator: Generator,
+    encode_cpu: int | None,
+    progress: Callable[[str], None],
+) -> Run:
+    """Every scenario in order; the raw encode of (d) is timed just before its rows,
+    while every server is idle."""
     await asyncio.gather(*(server.wait_ready() for server in servers.values()))
     references = await reference_pngs(servers["upstream"], plan.sides)
     headers = {"Authorization": f"Bearer {targets.CLIENT_KEY}", "Content-Type": "application/json"}
     results: list[Result] = []
+    encode: dict[str, float] = {}
     by_key: dict[tuple[str, str, int], Measured] = {}
     async with httpx.AsyncClient(timeout=120.0, headers=headers) as client:
         for scenario in plan.scenarios():
+            fmt = scenario.ask.output_format
+            if fmt and fmt not in encode:
+                png = references[scenario.ask.side]
+                encode[fmt] = raw_encode_ms(png, fmt, encode_cpu, plan.encode_repeats)
+                progress(
+                    f"{'(d) raw Pillow':<22} {fmt:<13} decode + encode, median {encode[fmt]:.2f} ms"
+                )
             server = servers[scenario.target]
             url = server.url + GENERATIONS
             body = scenario.ask.body(scenario.target)
@@ -278,7 +299,7 @@ async def measure_all(
             result = Result(scenario, measured, server.peak_memory_mib(), ratio)
             results.append(result)
             progress(format_row(result))
-    return results, references
+    return Run(results, encode)
 
 
 # --- report -------------------------------------------------------------------------------
@@ -489,18 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for server in servers.values():
                     server.start()
                 print(HEADER, flush=True)
-                results, pngs = _run(measure_all(plan, servers, generator, print))
+                run = _run(measure_all(plan, servers, generator, cpus.server, print))
             finally:
                 for server in servers.values():
                     server.stop()
-        repeats = 3 if args.quick else 7
-        png = pngs[plan.sides[1]]
-        encode = {fmt: raw_encode_ms(png, fmt, cpus.server, repeats) for fmt in ("webp", "avif")}
+        results, encode = run.results, run.encode_ms
     except (BenchmarkError, httpx.HTTPError, OSError, KeyError, ValueError) as error:
         print(f"benchmark failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
-    print(f"\nraw Pillow decode + encode of the {plan.sides[1]}px PNG, median: "
-          + ", ".join(f"{fmt} {ms:.1f} ms" for fmt, ms in encode.items()))  # fmt: skip
     print("\ntargets (issue 7; a report, not a test):")
     found = verdicts(plan, results, encode)
     for verdict in found:
