@@ -493,12 +493,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def choose_generator(choice: str, cpu: int | None) -> Generator:
+def choose_generator(choice: str) -> Generator:
     executable = H2Load.find()
     if choice == "h2load" and executable is None:
         raise BenchmarkError("no h2load: apt-get install nghttp2-client")
     if choice != "python" and executable is not None:
-        return H2Load(executable, cpu)
+        return H2Load(executable)
     return PythonLoad()
 
 
@@ -514,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, {cpus.other})
     started = time.monotonic()
     try:
-        generator = choose_generator(args.generator, cpus.other)
+        generator = choose_generator(args.generator)
         print(
             f"flux-proxy benchmark: {info['nproc']} CPUs ({info['cpu']}), Python "
             f"{info['python']}; {cpus.describe()}; load: {generator.name}, closed loop; "
