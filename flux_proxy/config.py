@@ -107,6 +107,9 @@ class StoreSettings(_Section):
     signing_key_env: str = "FLUX_PROXY_SIGNING_KEY"
     # Return an upstream's own image URL when the gateway did not change the image.
     return_upstream_urls: bool = False
+    # With return_upstream_urls: download such an image first, to check its format,
+    # size and completeness. Off: the URL is passed on unchecked (the report says so).
+    verify_upstream_urls: bool = False
 
 
 class FetchSettings(_Section):

@@ -20,9 +20,11 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
+from flux_proxy import b64
 from flux_proxy.errors import UpstreamError, UpstreamTimeout
 from flux_proxy.hosts import origin
 from flux_proxy.imaging import probe
+from flux_proxy.peek import ImageBytes, is_complete, pixel_size, sniff_format
 from flux_proxy.schema import GeneratedImage
 from flux_proxy.upstream import AnswerTooLarge, send_capped
 
@@ -67,13 +69,27 @@ class ImageFetcher:
         return response.content
 
     async def ensure_data(self, image: GeneratedImage) -> GeneratedImage:
-        """Give ``image`` its bytes, media type and pixel size (fetching if needed)."""
-        if image.data is None and image.url is not None:
-            image.data = await self.fetch(image.url)
-        if image.data is not None and (image.media_type is None or image.width is None):
-            fmt, image.width, image.height = probe(image.data)
-            image.media_type = f"image/{fmt}"
+        """Give ``image`` its bytes, media type and pixel size: the one place the
+        upstream's base64 is decoded, or its URL downloaded, for a layer that needs them."""
+        if image.data is None:
+            if image.b64 is not None:
+                image.keep_decoded(b64.decode(image.b64))
+            elif image.url is not None:
+                image.data = await self.fetch(image.url)
+        if image.data is not None:
+            read_header(image)
         return image
+
+    async def ensure_info(self, image: GeneratedImage, *, verify: bool = True) -> bool:
+        """Give ``image`` its media type and pixel size without decoding it (see
+        :func:`read_header`). A URL is downloaded for that unless ``verify`` is False;
+        returns whether the image could be read (False: a URL left unchecked)."""
+        if image.data is None and image.b64 is None:
+            if image.url is None or not verify:
+                return False
+            image.data = await self.fetch(image.url)
+        read_header(image)
+        return True
 
     async def check_url(self, url: str) -> None:
         """Refuse URLs the gateway should not request (see the module's docstring).
@@ -113,6 +129,36 @@ def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if inner is not None:
             return inner.is_global
     return address.is_global
+
+
+def read_header(image: GeneratedImage) -> None:
+    """Set ``image``'s media type and pixel size from the first bytes it holds (its
+    bytes or its base64 text, which stays undecoded: only the groups read are), and
+    check from the last ones that it is complete: a truncated upstream image is a 502,
+    never a 200."""
+    if image.media_type and image.width and image.height and not image.assumed:
+        return  # read already, or made by the gateway itself
+    text = image.b64 if image.data is None else None
+    held = ImageBytes(text=text) if text is not None else ImageBytes(data=image.data)
+    fmt = sniff_format(held.read(0, 12))
+    if fmt is None:
+        raise UpstreamError("The upstream returned data that is not a supported image.")
+    if not is_complete(held, fmt):
+        raise UpstreamError(
+            f"The upstream returned a truncated {fmt} image ({held.length} bytes): "
+            "it stops before the end of the file."
+        )
+    size = pixel_size(held, fmt)
+    if size is None:  # a header this reading does not know: Pillow reads it
+        if image.data is None:
+            assert image.b64 is not None
+            image.keep_decoded(b64.decode(image.b64))
+        assert image.data is not None
+        fmt, width, height = probe(image.data)
+        size = (width, height)
+    image.media_type = f"image/{fmt}"
+    image.width, image.height = size
+    image.assumed = False
 
 
 def _decode_data_uri(uri: str) -> bytes:

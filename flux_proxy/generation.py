@@ -8,7 +8,6 @@ report says which provider answered and which failed before it.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import anyio
 from starlette.responses import Response, StreamingResponse
 
+from flux_proxy import b64
 from flux_proxy.config import Settings
 from flux_proxy.errors import (
     GatewayError,
@@ -28,7 +28,8 @@ from flux_proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE, sniff_format
+from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE
+from flux_proxy.peek import sniff_format
 from flux_proxy.pipeline import Stack
 from flux_proxy.routing import ModelRoute
 from flux_proxy.schema import (
@@ -236,7 +237,7 @@ def progress_event(progress: Progress) -> dict[str, Any]:
     if progress.preview is not None and preview_format in SPEC_OUTPUT_FORMATS:
         return {
             "type": "image_generation.partial_image",
-            "b64_json": base64.b64encode(progress.preview).decode("ascii"),
+            "b64_json": b64.encode(progress.preview).decode("ascii"),
             "created_at": int(time.time()),
             "size": "auto",
             "quality": "auto",
@@ -287,9 +288,13 @@ def completed_event(image: GeneratedImage, result: ImageResult) -> dict[str, Any
 
 
 def _b64_bytes(image: GeneratedImage) -> bytes:
+    """The image's base64 text: the upstream's own where it is unchanged."""
+    text = image.checked_b64()
+    if text is not None:
+        return text
     if image.data is None:
         raise InternalError("An image reached the response without its bytes.")
-    return base64.b64encode(image.data)
+    return b64.encode(image.data)
 
 
 def _b64(image: GeneratedImage) -> str:

@@ -15,6 +15,7 @@ import anyio.to_thread
 from PIL import Image, ImageOps
 
 from flux_proxy.errors import UpstreamError
+from flux_proxy.peek import sniff_format
 
 T = TypeVar("T")
 
@@ -40,21 +41,6 @@ PILLOW_NAMES: dict[str, str] = {
     "webp": "WEBP",
     "avif": "AVIF",
 }
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The image format from its magic bytes, never from a label."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
-        return "avif"
-    return None
 
 
 def probe(data: bytes) -> tuple[str, int, int]:

@@ -2,8 +2,8 @@
 
 ``ImageRequest`` is the client's JSON, parsed and validated once. ``ImageJob`` is
 what travels down the middleware stack: each layer passes a changed copy to the
-next. ``ImageResult`` travels back up carrying image bytes (never base64) and the
-normalisation report.
+next. ``ImageResult`` travels back up carrying the images (their bytes, or the
+upstream's base64 text or URL where nothing changed them) and the normalisation report.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from flux_proxy.b64 import check as check_base64
 from flux_proxy.capabilities import Capabilities
 from flux_proxy.config import ProviderConfig
 from flux_proxy.fields import Handling
@@ -201,23 +202,95 @@ def _cut(body: dict[str, Any], kept: list[str]) -> dict[str, Any]:
     return {**{k: body[k] for k in kept}, "_truncated": len(body) - len(kept)}
 
 
-@dataclass(slots=True)
 class GeneratedImage:
     """One image on its way back up.
 
-    Invariant: when ``url`` is set, ``data`` (if present) is exactly what the URL
-    serves. A layer that changes the pixels clears ``url``.
+    The encoded image is held as ``data`` (its bytes), as ``b64`` (the upstream's
+    base64 text, ASCII bytes, passed on as it is when nothing changes), or both; both
+    means the same image. Assigning ``data`` drops ``b64``: new bytes are a new image.
+    A layer that needs the bytes calls ``runtime.fetcher.ensure_data``, which decodes
+    the text (or downloads the URL) on demand.
+
+    Invariant: when ``url`` is set, ``data`` or ``b64`` (if present) is exactly what
+    the URL serves. A layer that changes the pixels clears ``url``.
     """
 
-    data: bytes | None = None
-    url: str | None = None
-    media_type: str | None = None  # sniffed from the bytes, never taken from a label
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-    revised_prompt: str | None = None
-    # Decoded pixels after a change, not yet encoded; the format layer encodes them.
-    pixels: Image.Image | None = None
+    __slots__ = (
+        "_b64",
+        "_b64_checked",
+        "_data",
+        "assumed",
+        "height",
+        "media_type",
+        "pixels",
+        "revised_prompt",
+        "seed",
+        "url",
+        "width",
+    )
+
+    def __init__(
+        self,
+        data: bytes | None = None,
+        url: str | None = None,
+        media_type: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        revised_prompt: str | None = None,
+        pixels: Image.Image | None = None,
+        *,
+        b64: bytes | None = None,
+    ) -> None:
+        self._data = data
+        self._b64 = b64
+        self._b64_checked = False
+        self.url = url
+        # Read from the bytes, never taken from a label; see ``assumed``.
+        self.media_type = media_type
+        self.width = width
+        self.height = height
+        self.seed = seed
+        self.revised_prompt = revised_prompt
+        # Decoded pixels after a change, not yet encoded; the format layer encodes them.
+        self.pixels = pixels
+        # True when media_type and size are what the provider was asked for, not read
+        # from the image: a URL passed on without downloading it.
+        self.assumed = False
+
+    @property
+    def data(self) -> bytes | None:
+        return self._data
+
+    @data.setter
+    def data(self, value: bytes | None) -> None:
+        self._data = value
+        self._b64 = None
+
+    @property
+    def b64(self) -> bytes | None:
+        """The upstream's base64 text, as given (see ``checked_b64``)."""
+        return self._b64
+
+    def checked_b64(self) -> bytes | None:
+        """``b64``, checked (once) to be strict base64: text that can be passed on as it
+        is, spliced into JSON unescaped. InvalidBase64 (502) if it is not."""
+        if self._b64 is not None and not self._b64_checked:
+            check_base64(self._b64)
+            self._b64_checked = True
+        return self._b64
+
+    def keep_decoded(self, data: bytes) -> None:
+        """Hold ``data``, the bytes ``b64`` decodes to (checked on the way), beside the text."""
+        self._data = data
+        self._b64_checked = True
+
+    def __repr__(self) -> str:  # never megabytes of image in a log line
+        held = "b64" if self._b64 is not None else "data" if self._data is not None else "url"
+        return (
+            f"GeneratedImage({held}, media_type={self.media_type!r}, "
+            f"size={self.width}x{self.height}, url={self.url!r})"
+        )
 
 
 @dataclass(slots=True)
@@ -295,3 +368,8 @@ class ImageJob:
     fields: dict[str, Any] = field(default_factory=dict)
     # Where providers send progress; a streaming response turns it into events.
     progress: ProgressSink = _ignore_progress
+    # Whether an image the upstream answers with as a URL is downloaded to read its
+    # format and size. False when the URL goes back to the client as it is, unchecked
+    # (store.return_upstream_urls without store.verify_upstream_urls): a layer with
+    # nothing to change then assumes the image is what the provider was asked for.
+    verify_urls: bool = True

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import time
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 from tests.images import assert_image, data_of
 from tests.openapi import assert_openai_error
 from tests.servers import ServeUpstream, serve
-from tests.upstream_openai import RecordingUpstream
+from tests.upstream_openai import RecordingUpstream, gateway_config
 
 KEY = "test-signing-key"
 
@@ -101,22 +100,9 @@ def url_upstream(serve_upstream: ServeUpstream) -> tuple[RecordingUpstream, str]
     return recorder, serve_upstream(recorder.app())
 
 
-def url_model(url: str, **store: Any) -> dict[str, Any]:
-    return {
-        "store": store,
-        "models": {
-            "up": {
-                "provider": "openai",
-                "base_url": f"{url}/v1",
-                "options": {"response_format": "url"},
-            }
-        },
-    }
-
-
 def test_b64_json_from_an_upstream_that_returns_urls(url_upstream, start_gateway):
     recorder, url = url_upstream
-    gateway = start_gateway(url_model(url))
+    gateway = start_gateway(gateway_config(url))
     client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
     result = client.images.generate(
         model="up", prompt="x", size="200x100", response_format="b64_json"
@@ -126,7 +112,7 @@ def test_b64_json_from_an_upstream_that_returns_urls(url_upstream, start_gateway
 
 def test_upstream_urls_are_hosted_by_default(url_upstream, start_gateway):
     recorder, url = url_upstream
-    gateway = start_gateway(url_model(url))
+    gateway = start_gateway(gateway_config(url))
     response = httpx.post(
         f"{gateway}/v1/images/generations",
         json={"model": "up", "prompt": "x", "size": "200x100", "response_format": "url"},
@@ -140,7 +126,7 @@ def test_upstream_urls_are_hosted_by_default(url_upstream, start_gateway):
 
 def test_upstream_urls_returned_as_they_are_by_config(url_upstream, start_gateway):
     _, url = url_upstream
-    gateway = start_gateway(url_model(url, return_upstream_urls=True))
+    gateway = start_gateway(gateway_config(url, return_upstream_urls=True))
     exact = httpx.post(
         f"{gateway}/v1/images/generations",
         json={"model": "up", "prompt": "x", "size": "200x100", "output_format": "png"},
@@ -159,7 +145,7 @@ def test_gateway_refuses_image_urls_on_private_addresses(url_upstream, start_gat
     recorder, url = url_upstream
     # The upstream points at a loopback host that is not the configured one.
     recorder.url_base = url.replace("127.0.0.1", "localhost")
-    gateway = start_gateway(url_model(url))
+    gateway = start_gateway(gateway_config(url))
     response = httpx.post(
         f"{gateway}/v1/images/generations",
         json={"model": "up", "prompt": "x", "size": "200x100", "response_format": "b64_json"},
@@ -172,7 +158,7 @@ def test_gateway_refuses_image_urls_on_private_addresses(url_upstream, start_gat
 def test_allow_private_hosts_lets_the_operator_trust_a_host(url_upstream, start_gateway):
     recorder, url = url_upstream
     recorder.url_base = url.replace("127.0.0.1", "localhost")
-    config = url_model(url)
+    config = gateway_config(url)
     config["fetch"] = {"allow_private_hosts": ["localhost"]}
     gateway = start_gateway(config)
     response = httpx.post(
@@ -219,7 +205,7 @@ def test_a_trusted_provider_host_is_trusted_on_its_own_port_only(url_upstream, s
     other = RecordingUpstream()
     with serve(other.app()) as other_url:
         recorder.url_base = other_url  # same host (127.0.0.1), another port
-        gateway = start_gateway(url_model(url))
+        gateway = start_gateway(gateway_config(url))
         response = httpx.post(
             f"{gateway}/v1/images/generations",
             json={"model": "up", "prompt": "x", "size": "200x100", "response_format": "b64_json"},

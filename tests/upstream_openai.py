@@ -2,7 +2,8 @@
 
 It makes real images with Pillow at the size asked for, in the format asked for
 (PNG by default), and answers ``b64_json`` or ``url`` like OpenAI does. ``fail_with``
-makes it answer an error instead, to test the gateway's error mapping.
+makes it answer an error instead, to test the gateway's error mapping; ``truncate``
+cuts every image short, as a broken upstream (or connection) would.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class RecordingUpstream:
     url_base: str | None = None
     # Every image made, in order, to check the gateway passes bytes on untouched.
     produced: list[bytes] = field(default_factory=list)
+    # Bytes cut off the end of every image sent (as base64 or at its URL): a broken upstream.
+    truncate: int = 0
+    # Names of the image files downloaded from it, in order.
+    downloads: list[str] = field(default_factory=list)
 
     def app(self) -> Starlette:
         return Starlette(
@@ -59,6 +64,8 @@ class RecordingUpstream:
         for index in range(body.get("n", 1)):
             image = make_image(fmt, (width, height), colour=(index * 40 % 256, 90, 160))
             self.produced.append(image)
+            if self.truncate:
+                image = image[: -self.truncate]
             if body.get("response_format") == "url":
                 name = secrets.token_hex(8)
                 self.files[name] = (image, MEDIA[fmt])
@@ -69,6 +76,7 @@ class RecordingUpstream:
         return JSONResponse({"created": 1, "data": data})
 
     async def _file(self, request: Request) -> Response:
+        self.downloads.append(request.path_params["name"])
         image, media_type = self.files[request.path_params["name"]]
         return Response(image, media_type=media_type)
 
@@ -76,3 +84,18 @@ class RecordingUpstream:
 def _size(text: str) -> tuple[int, int]:
     width, _, height = text.partition("x")
     return int(width), int(height)
+
+
+def gateway_config(
+    url: str, answers: str = "url", capabilities: dict[str, Any] | None = None, **store: Any
+) -> dict[str, Any]:
+    """Gateway settings with one model, ``up``, on the upstream at ``url``, asking it
+    for ``answers`` (b64_json or url); ``store`` settings as given."""
+    entry: dict[str, Any] = {
+        "provider": "openai",
+        "base_url": f"{url}/v1",
+        "options": {"response_format": answers},
+    }
+    if capabilities is not None:
+        entry["capabilities"] = capabilities
+    return {"store": store, "models": {"up": entry}}

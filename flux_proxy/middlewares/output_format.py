@@ -73,15 +73,21 @@ class OutputFormatMiddleware(Layer):
             replace(job, output_format=plan.native, output_compression=plan.native_compression)
         )
         for image in result.images:
-            await self._finish(image, plan)
+            await self._finish(image, plan, job.verify_urls)
         result.output_format = plan.target
         return result
 
-    async def _finish(self, image: GeneratedImage, plan: FormatPlan) -> None:
+    async def _finish(self, image: GeneratedImage, plan: FormatPlan, verify: bool) -> None:
+        fetcher = self._runtime.fetcher
+        keep = plan.native == plan.target and not plan.reencode
         if image.pixels is None:
-            await self._runtime.fetcher.ensure_data(image)
+            if not await fetcher.ensure_info(image, verify=verify) and keep:
+                # A URL passed on unchecked: taken to be the format it was asked in.
+                image.media_type, image.assumed = MEDIA_TYPES[plan.target], True
+                return
             if image.media_type == MEDIA_TYPES[plan.target] and not plan.reencode:
-                return  # already what was asked for: pass the bytes on untouched
+                return  # already what was asked for: pass it on untouched
+            await fetcher.ensure_data(image)
         source: Image.Image | bytes | None = (
             image.pixels if image.pixels is not None else image.data
         )

@@ -1,6 +1,13 @@
-"""response_format: deliver every image as a URL or as base64, whatever the upstream gave."""
+"""response_format: deliver every image as a URL or as base64, whatever the upstream gave.
+
+Where nothing changed an image, what the upstream sent goes on as it is: its base64
+text into a ``b64_json`` answer, and (with ``store.return_upstream_urls``) its URL
+into a ``url`` answer, downloaded first only with ``store.verify_upstream_urls``.
+"""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from pydantic import BaseModel
 
@@ -18,24 +25,39 @@ class ResponseFormatMiddleware(Layer):
         self._runtime = runtime
         self._default = runtime.settings.defaults.response_format
         self._keep_upstream_urls = runtime.settings.store.return_upstream_urls
+        self._verify_upstream_urls = runtime.settings.store.verify_upstream_urls
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
         wanted = job.request.response_format or self._default
-        result = await call_next(job)
+        # A streamed completed event carries the image's bytes whatever the format.
+        keep = self._keep_upstream_urls and wanted == "url" and not job.request.stream
+        verify = not keep or self._verify_upstream_urls
+        result = await call_next(replace(job, verify_urls=verify))
         hosted = kept = 0
+        unchecked: list[GeneratedImage] = []
         for image in result.images:
-            # A streamed completed event carries the image's bytes whatever the format.
-            keep = self._keep_upstream_urls and not job.request.stream
-            if keep and wanted == "url" and _is_web_url(image.url):
+            if keep and _is_web_url(image.url):
+                if not await self._runtime.fetcher.ensure_info(image, verify=verify):
+                    unchecked.append(image)
                 kept += 1
                 continue
-            await self._with_bytes(image)
             if wanted == "url":
+                await self._with_bytes(image)
                 image.url = await self._host(image, job.public_url)
                 hosted += 1
             else:
+                await self._with_text(image)
                 image.url = None
-        if "response_format" in job.request.model_fields_set:
+        if unchecked:
+            # Said whether or not the client sent response_format: the answer holds
+            # links to images the gateway has not seen.
+            job.report.record(
+                "response_format",
+                "emulated",
+                "upstream URLs returned as they are, not downloaded or checked "
+                f"(store.verify_upstream_urls is off): {_assumed(unchecked)}",
+            )
+        elif "response_format" in job.request.model_fields_set:
             if wanted == "b64_json":
                 detail = "gateway returns the image bytes base64-encoded"
             elif kept and not hosted:
@@ -45,11 +67,23 @@ class ResponseFormatMiddleware(Layer):
             job.report.record("response_format", "emulated", detail)
         return result
 
-    async def _with_bytes(self, image: GeneratedImage) -> None:
+    async def _encode_pixels(self, image: GeneratedImage) -> None:
         if image.pixels is not None:  # changed but not encoded: no format layer in the stack
             image.data = await self._runtime.images.run(encode, image.pixels, "png", None)
             image.pixels, image.media_type = None, "image/png"
+
+    async def _with_bytes(self, image: GeneratedImage) -> None:
+        await self._encode_pixels(image)
         await self._runtime.fetcher.ensure_data(image)
+
+    async def _with_text(self, image: GeneratedImage) -> None:
+        """What a b64_json answer needs: the upstream's text stays undecoded."""
+        await self._encode_pixels(image)
+        if image.b64 is None:
+            await self._runtime.fetcher.ensure_data(image)
+        else:
+            await self._runtime.fetcher.ensure_info(image)
+            image.checked_b64()  # here, not at render: a bad answer can still fail over
 
     async def _host(self, image: GeneratedImage, public_url: str) -> str:
         assert image.data is not None and image.media_type is not None
@@ -60,3 +94,16 @@ class ResponseFormatMiddleware(Layer):
 
 def _is_web_url(url: str | None) -> bool:
     return url is not None and url.startswith(("https://", "http://"))
+
+
+def _assumed(images: list[GeneratedImage]) -> str:
+    """What the unchecked images were taken to be (what the provider was asked for)."""
+    seen: list[str] = []
+    for image in images:
+        fmt = FORMAT_OF_MEDIA_TYPE.get(image.media_type or "")
+        size = f"{image.width}x{image.height}" if image.width and image.height else None
+        what = " ".join(part for part in (fmt, size) if part)
+        text = f"assumed {what}" if what else "format and size not known"
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen)

@@ -63,21 +63,26 @@ class SizeMiddleware(Layer):
             for name in PIXEL_FIELDS:
                 job.report.record(name, "converted", f"exact size {target.text}")
         result = await call_next(replace(job, width=width, height=height, fields=fields))
+        native_fits = (width, height) == (target.width, target.height)
         for image in result.images:
-            await self._fit(image, target)
+            await self._fit(image, target, assume=native_fits and not job.verify_urls)
         return result
 
-    async def _fit(self, image: GeneratedImage, target: TargetSize) -> None:
-        if image.pixels is None and (image.width is None or image.height is None):
-            await self._runtime.fetcher.ensure_data(image)
+    async def _fit(self, image: GeneratedImage, target: TargetSize, *, assume: bool) -> None:
+        """Make ``image`` exactly the target size. With ``assume``, a URL left unchecked
+        whose size nobody said is taken to be the (native) size it was asked for."""
+        fetcher = self._runtime.fetcher
+        if image.pixels is None:
+            verify = not assume
+            if not await fetcher.ensure_info(image, verify=verify) and image.width is None:
+                image.width, image.height, image.assumed = target.width, target.height, True
         current = image.pixels.size if image.pixels is not None else (image.width, image.height)
         if current == (target.width, target.height):
             return
         source: Image.Image | bytes | None = (
-            image.pixels if image.pixels is not None else image.data
+            image.pixels if image.pixels is not None else (await fetcher.ensure_data(image)).data
         )
-        if source is None:
-            source = (await self._runtime.fetcher.ensure_data(image)).data
+        assert source is not None  # ensure_data gave it bytes
         image.pixels = await self._runtime.images.run(_fit, source, target.width, target.height)
         image.data = image.url = image.media_type = None
         image.width, image.height = target.width, target.height

@@ -13,10 +13,9 @@ it is sent only when the model's ``capabilities`` say ``accepts_seed: true``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any, Literal
 
+from flux_proxy.b64 import InvalidBase64
 from flux_proxy.capabilities import Capabilities
 from flux_proxy.config import ProviderConfig
 from flux_proxy.errors import UpstreamError
@@ -93,11 +92,13 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
             revised = item.get("revised_prompt")
             seed = None if job.seed is None or not sent_seed else job.seed + index
             if isinstance(item.get("b64_json"), str):
+                # Kept as the upstream's text: passed on as it is unless a layer needs
+                # the bytes (fetcher.ensure_data decodes it then).
                 try:
-                    data = base64.b64decode(item["b64_json"], validate=True)
-                except (binascii.Error, ValueError):
-                    raise UpstreamError("The openai upstream sent invalid base64.") from None
-                images.append(GeneratedImage(data=data, seed=seed, revised_prompt=revised))
+                    text = item["b64_json"].encode("ascii")
+                except UnicodeEncodeError:
+                    raise InvalidBase64() from None
+                images.append(GeneratedImage(b64=text, seed=seed, revised_prompt=revised))
             elif isinstance(item.get("url"), str):
                 images.append(GeneratedImage(url=item["url"], seed=seed, revised_prompt=revised))
             else:

@@ -1,0 +1,59 @@
+"""Base64, the way image answers carry it: standard alphabet, padded, no line breaks.
+
+The one codec every layer and provider uses, so an upstream's base64 is judged the
+same way wherever it arrives. Text is ``bytes`` (ASCII) throughout.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from flux_proxy.errors import UpstreamError
+
+# Validated a piece at a time: a multiple of 4 characters, small enough that no
+# decoded copy of a whole image is ever held just to check its text.
+_CHECK_CHUNK = 64 * 1024
+
+
+class InvalidBase64(UpstreamError):
+    def __init__(self) -> None:
+        super().__init__("The upstream sent an image whose base64 is invalid.")
+
+
+def decode(text: bytes | memoryview) -> bytes:
+    """The bytes ``text`` encodes; InvalidBase64 (502) for anything but strict base64."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidBase64() from None
+
+
+def encode(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def check(text: bytes) -> None:
+    """Raise InvalidBase64 unless ``text`` is strict base64, without decoding it whole.
+
+    Text that passes can be spliced into JSON as it is: the alphabet needs no escaping.
+    """
+    if len(text) % 4:
+        raise InvalidBase64()
+    view = memoryview(text)
+    for start in range(0, len(text), _CHECK_CHUNK):
+        decode(view[start : start + _CHECK_CHUNK])
+
+
+def decoded_length(text: bytes) -> int:
+    """How many bytes ``text`` (checked base64) decodes to."""
+    padding = 2 if text.endswith(b"==") else 1 if text.endswith(b"=") else 0
+    return len(text) // 4 * 3 - padding
+
+
+def decode_range(text: bytes, start: int, end: int) -> bytes:
+    """Bytes ``start:end`` of what ``text`` encodes, decoding only the groups that hold them."""
+    first = start // 3
+    last = -(-end // 3)
+    chunk = decode(text[first * 4 : last * 4])
+    return chunk[start - first * 3 : end - first * 3]
