@@ -115,6 +115,7 @@ def serve(args: argparse.Namespace) -> int:
         port=port,
         log_level=args.log_level,
         proxy_headers=True,
+        forwarded_allow_ips=settings.server.forwarded_allow_ips,
         server_header=False,
     )
     return 0

@@ -63,6 +63,10 @@ class ServerSettings(_Section):
     # Unset: on when the gateway serves alone, off when it is mounted in a host app
     # (whose own paths these must not shadow unless asked to).
     health_paths: bool | None = None
+    # Proxies whose X-Forwarded-Proto (and -For) `flux-proxy serve` believes: addresses,
+    # networks, or "*" for any. Hosted-image links take their scheme from that header, so
+    # a client must never be trusted here. Mounted, the host's server decides.
+    forwarded_allow_ips: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
 
     @field_validator("api_prefix")
     @classmethod

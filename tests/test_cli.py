@@ -313,3 +313,26 @@ def test_emulate_unknown_provider_names_the_installed_ones():
     result = run("emulate", "no-such-provider")
     message = assert_clean_failure(result)
     assert "no-such-provider" in message
+
+
+@pytest.mark.parametrize(
+    ("trusted", "scheme"), [(None, "https"), ("[]", "http"), ("[10.0.0.0/8]", "http")]
+)
+def test_forwarded_proto_is_believed_only_from_trusted_proxies(spawn, tmp_path, trusted, scheme):
+    port = free_port()
+    config = tmp_path / "flux-proxy.yaml"
+    text = f"server:\n  port: {port}\n"
+    if trusted is not None:  # None: the default, loopback
+        text += f"  forwarded_allow_ips: {trusted}\n"
+    config.write_text(text)
+    server = spawn("serve", "--config", str(config))
+    assert wait_until_serving(server, f"http://127.0.0.1:{port}").status_code == 200
+    generated = httpx.post(
+        f"http://127.0.0.1:{port}/v1/images/generations",
+        json={"prompt": "x", "size": "64x64", "response_format": "url"},
+        headers={"X-Forwarded-Proto": "https", "Host": "images.example.com"},
+        timeout=30,
+    )
+    assert generated.status_code == 200, generated.text
+    url = generated.json()["data"][0]["url"]
+    assert url.startswith(f"{scheme}://images.example.com/v1/images/files/"), url
