@@ -115,6 +115,14 @@ def _start(app: ASGIApp, http: str = "auto", lifespan: Literal["on", "off"] = "o
     return _Running(server, thread, sock, f"http://127.0.0.1:{port}")
 
 
+def free_port() -> int:
+    """A port free on loopback now, for a server this test starts as a separate program."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 @contextmanager
 def serve(app: ASGIApp, http: str = "auto") -> Iterator[str]:
     """Run ``app`` under uvicorn on 127.0.0.1 and yield its base URL.

@@ -20,7 +20,6 @@ import base64
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import yaml
 from flux_proxy.plugins import load_registry
 from tests.containerfile import Stage, parse
 from tests.images import assert_image, data_of
-from tests.servers import serve
+from tests.servers import free_port, serve
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).parents[1]
@@ -143,13 +142,6 @@ def emulators() -> Iterator[dict[str, str]]:
             name: stack.enter_context(serve(factories[name](**knobs)))
             for name, knobs in EMULATOR_KNOBS.items()
         }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def as_unprivileged(command: list[str]) -> list[str]:
