@@ -57,3 +57,24 @@ def test_the_toml_example_loads(tmp_path):
     settings = load_settings(path, {})
     assert settings.limits.max_n == 4
     assert settings.models["flux1.1-pro"].aliases == ["flux-pro-1.1"]
+
+
+def test_the_deploying_section_names_files_that_exist():
+    deploying = section("## Deploying")
+    named = set(re.findall(r"deploy/[\w./-]*\w", deploying))
+    assert {"deploy/Containerfile", "deploy/config.yaml"} <= named
+    for path in named:
+        assert (ROOT / path).exists(), path
+    # The docker example mounts the config where the image reads it.
+    (docker,) = [block for block in code_blocks(deploying, "sh") if "docker run" in block]
+    assert ":/etc/flux-proxy/config.yaml:ro" in docker
+    assert "/etc/flux-proxy/config.yaml" in (ROOT / "deploy" / "Containerfile").read_text()
+
+
+def test_the_shipped_container_config_loads():
+    settings = load_settings(ROOT / "deploy" / "config.yaml", {})
+    assert [entry.provider for entry in settings.models["flux1.1-pro"].providers] == [
+        "bfl",
+        "fal",
+        "replicate",
+    ]
