@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 import anyio
+import orjson
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from flux_proxy import b64
 from flux_proxy.config import Settings
@@ -156,23 +158,86 @@ def render_json(
     request: ImageRequest, result: ImageResult, sent: list[str], settings: Settings
 ) -> Response:
     wanted = request.response_format or settings.defaults.response_format
-    items = []
-    for image in result.images:
+    head: dict[str, Any] = {"created": int(time.time())}
+    if result.output_format in SPEC_OUTPUT_FORMATS:
+        head["output_format"] = result.output_format
+    body = JSONPieces()
+    body.add(_json(head)[:-1] + b',"data":[')
+    for index, image in enumerate(result.images):
+        if index:
+            body.add(b",")
         extra = {"revised_prompt": image.revised_prompt} if image.revised_prompt else {}
         if wanted == "url":
             if image.url is None:
                 raise InternalError("An image reached the response without a URL.")
-            items.append(_json({"url": image.url, **extra}))
+            body.add(_json({"url": image.url, **extra}))
         else:
-            # base64 needs no JSON escaping: splice it in rather than have json.dumps
-            # scan megabytes of it (the largest per-request cost of a b64 answer).
-            tail = b"," + _json(extra)[1:] if extra else b"}"
-            items.append(b'{"b64_json":"' + _b64_bytes(image) + b'"' + tail)
-    head: dict[str, Any] = {"created": int(time.time())}
-    if result.output_format in SPEC_OUTPUT_FORMATS:
-        head["output_format"] = result.output_format
-    body = _json(head)[:-1] + b',"data":[' + b",".join(items) + b"]}"
-    return Response(body, media_type="application/json", headers=report_headers(result, sent))
+            # base64 needs no JSON escaping: spliced in as it is, not scanned or copied.
+            body.add(b'{"b64_json":"')
+            body.splice(_b64_bytes(image))
+            body.add(b'",' + _json(extra)[1:] if extra else b'"}')
+    body.add(b"]}")
+    return body.response(report_headers(result, sent))
+
+
+class JSONPieces:
+    """A JSON body assembled from small pieces and large ones (base64) kept apart."""
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+        self._small = bytearray()
+
+    def add(self, piece: bytes) -> None:
+        self._small += piece
+
+    def splice(self, large: bytes) -> None:
+        self._flush()
+        self._pieces.append(large)
+
+    def response(self, headers: Mapping[str, str]) -> PiecesResponse:
+        self._flush()
+        return PiecesResponse(self._pieces, headers)
+
+    def _flush(self) -> None:
+        if self._small:
+            self._pieces.append(bytes(self._small))
+            self._small.clear()
+
+
+class PiecesResponse(Response):
+    """A 200 JSON response written piece by piece: a megabyte of the upstream's base64
+    goes to the socket as the bytes it arrived in, never copied into one body first."""
+
+    media_type = "application/json"
+
+    def __init__(self, pieces: list[bytes], headers: Mapping[str, str]) -> None:
+        self._pieces = pieces
+        self.status_code = 200
+        self.background = None
+        # Not Response.init_headers: it would read (so join) the body for its length.
+        length = str(sum(map(len, pieces)))
+        fields = {**headers, "content-length": length, "content-type": self.media_type}
+        self.raw_headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in fields.items()
+        ]
+
+    @property
+    def body(self) -> bytes:
+        """The whole body in one piece (tests and host middlewares that read it)."""
+        return b"".join(self._pieces)
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self._pieces = [value]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        del scope, receive
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        last = len(self._pieces) - 1
+        for index, piece in enumerate(self._pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": index < last})
 
 
 def report_headers(result: ImageResult, sent: list[str]) -> dict[str, str]:
@@ -269,7 +334,7 @@ def completed_event(image: GeneratedImage, result: ImageResult) -> dict[str, Any
         )
     event: dict[str, Any] = {
         "type": "image_generation.completed",
-        "b64_json": _b64(image),
+        "b64_json": _b64_fragment(image),
         "created_at": int(time.time()),
         "size": size if size in SPEC_EVENT_SIZES else "auto",
         "quality": "auto",
@@ -297,14 +362,15 @@ def _b64_bytes(image: GeneratedImage) -> bytes:
     return b64.encode(image.data)
 
 
-def _b64(image: GeneratedImage) -> str:
-    return _b64_bytes(image).decode("ascii")
+def _b64_fragment(image: GeneratedImage) -> orjson.Fragment:
+    """The base64 as a JSON string orjson writes as it is (no str copy, no scan)."""
+    return orjson.Fragment(b'"' + _b64_bytes(image) + b'"')
 
 
 def _json(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    return orjson.dumps(value)
 
 
 def _sse(payload: dict[str, Any], event: str | None = None) -> bytes:
     name = event or str(payload.get("type", "message"))
-    return f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
