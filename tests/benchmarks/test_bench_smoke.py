@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.benchmarks.bench_gateway import QUICK, Ask, BenchmarkError, Scenario, check_answer
+from tests.benchmarks.readme_table import TARGETS, tables
 from tests.benchmarks.servers import bench_png
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +53,13 @@ def test_benchmark_runs_and_every_target_answers_correctly(tmp_path: Path) -> No
     assert len(written["targets"]) >= 9
     for verdict in written["targets"]:
         assert verdict["target"] in completed.stdout
+    # The README's tables come from the same file: a row per target, a line per verdict.
+    markdown = tables(written)
+    for target in targets:
+        assert f"| {TARGETS[target]} |" in markdown
+    assert markdown.count("| PASS |") + markdown.count("| MISS |") + markdown.count("| n/a |") == (
+        len(written["targets"])
+    )
 
 
 def _answer(images: list[bytes]) -> httpx.Response:
