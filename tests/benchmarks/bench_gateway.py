@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -483,14 +483,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--peers", action="store_true", help="also measure LiteLLM's proxy")
     parser.add_argument("--quick", action="store_true", help="tiny images and counts (CI smoke)")
-    parser.add_argument("--seconds", type=float, help="measured seconds per scenario (default 3)")
+    parser.add_argument("--seconds", type=int, help="measured seconds per scenario (default 3)")
     parser.add_argument(
         "--generator",
         choices=["auto", "h2load", "python"],
         default="auto",
         help="load generator (auto: h2load when installed; python is too slow for figures)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.seconds is not None and args.seconds < 1:
+        parser.error("--seconds must be at least 1")
+    return args
 
 
 def choose_generator(choice: str) -> Generator:
@@ -505,9 +508,7 @@ def choose_generator(choice: str) -> Generator:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
-    plan = Plan(**{**asdict(plan), "peers": args.peers})
-    if args.seconds is not None:
-        plan = Plan(**{**asdict(plan), "seconds": args.seconds})
+    plan = replace(plan, peers=args.peers, seconds=args.seconds or plan.seconds)
     info = machine()
     cpus = Cpus.choose()
     if cpus.other is not None:
@@ -558,9 +559,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generator_check": {"ok": generator_ok, "detail": generator_text},
         }
         args.json.write_text(json.dumps(report, indent=2))
-    errors = sum(result.measured.errors for result in results)
-    if errors:
-        print(f"benchmark failed: {errors} request(s) did not get HTTP 200", file=sys.stderr)
+    failed = [r for r in results if r.measured.errors]
+    if failed:
+        for r in failed:
+            print(f"{r.scenario.label}: {r.measured.failures}", file=sys.stderr)
+        count = sum(r.measured.errors for r in failed)
+        print(f"benchmark failed: {count} request(s) did not get HTTP 200", file=sys.stderr)
         return 1
     if not generator_ok and not args.quick and generator.name == "h2load":
         print("benchmark failed: the load generator is too slow to tell", file=sys.stderr)

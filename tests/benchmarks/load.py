@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,15 @@ class Measured:
     rps: float
     p50_ms: float
     p99_ms: float
+    failures: dict[str, int]  # what went wrong, counted: "HTTP 502", "ReadTimeout", ...
 
     @staticmethod
-    def of(latencies_s: list[float], errors: int, elapsed: float) -> Measured:
+    def of(latencies_s: list[float], failures: Counter[str], elapsed: float) -> Measured:
         ordered = sorted(latencies_s)
         return Measured(
             requests=len(ordered),
-            errors=errors,
+            errors=failures.total(),
+            failures=dict(failures),
             rps=len(ordered) / elapsed if elapsed > 0 else 0.0,
             p50_ms=_percentile(ordered, 0.50) * 1000,
             p99_ms=_percentile(ordered, 0.99) * 1000,
@@ -112,16 +115,18 @@ class H2Load:
 
         Status 0 is a request still in flight when the duration ran out: not an error,
         and not measured (its latency is only how long it had been waiting)."""
-        latencies, errors = [], 0
+        latencies, failures = [], Counter[str]()
         for line in log.splitlines():
             _, status, micros = line.split("\t")
             if status == "200":
                 latencies.append(int(micros) / 1e6)
             elif status != "0":
-                errors += 1
+                failures[f"HTTP {status}"] += 1
         failed = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", summary)
-        if failed:
-            errors = max(errors, sum(int(count) for count in failed.groups()))
+        # "failed" counts every failure, "errored" (and "timeout") those without an answer
+        # (a reset, a timeout); only the summary has those.
+        if failed and int(failed[1]) > failures.total():
+            failures[f"no answer ({failed[0]})"] = int(failed[1]) - failures.total()
         finished = re.search(r"finished in ([\d.]+)(m?s)", summary)
         if load.requests is None:
             elapsed = load.seconds
@@ -129,7 +134,7 @@ class H2Load:
             elapsed = float(finished[1]) / (1000 if finished[2] == "ms" else 1)
         else:
             raise BenchmarkError(f"h2load printed no summary: {summary}")
-        return Measured.of(latencies, errors, elapsed)
+        return Measured.of(latencies, failures, elapsed)
 
 
 class PythonLoad:
@@ -156,25 +161,25 @@ async def _closed_loop(
     seconds: float,
 ) -> Measured:
     latencies: list[float] = []
-    errors = 0
+    failures = Counter[str]()
     remaining = count if count is not None else math.inf
     started = time.perf_counter()
     stop_at = math.inf if count is not None else started + seconds
 
     async def worker() -> None:
-        nonlocal remaining, errors
+        nonlocal remaining
         while remaining > 0 and time.perf_counter() < stop_at:
             remaining -= 1
             sent = time.perf_counter()
             try:
                 response = await client.post(url, content=body)
-            except httpx.HTTPError:
-                errors += 1
+            except httpx.HTTPError as error:
+                failures[type(error).__name__] += 1
                 continue
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - sent)
             else:
-                errors += 1
+                failures[f"HTTP {response.status_code}"] += 1
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Measured.of(latencies, errors, time.perf_counter() - started)
+    return Measured.of(latencies, failures, time.perf_counter() - started)

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.benchmarks.bench_gateway import QUICK, Ask, BenchmarkError, Scenario, check_answer
+from tests.benchmarks.load import H2Load, Load
 from tests.benchmarks.readme_table import TARGETS, tables
 from tests.benchmarks.servers import bench_png
 
@@ -80,3 +81,14 @@ async def test_a_wrong_answer_fails_the_run() -> None:
         webp = Scenario("(d)", Ask("b64_json", 64, "b64", output_format="webp"), "x", 1, None)
         with pytest.raises(BenchmarkError, match="expected"):
             await check_answer(client, webp, _answer([png]), {64: png})
+
+
+def test_h2load_results_count_failures_but_not_requests_cut_off_at_the_end() -> None:
+    log = "1\t200\t2000\n2\t200\t4000\n3\t502\t100\n4\t0\t9000\n"
+    summary = (
+        "finished in 2.00s, 1.00 req/s, 1KB/s\n"
+        "requests: 5 total, 5 started, 4 done, 2 succeeded, 2 failed, 1 errored, 0 timeout\n"
+    )
+    measured = H2Load._parse(summary, log, Load(concurrency=2, seconds=2.0, warmup=0.0))
+    assert (measured.requests, measured.rps, measured.p50_ms) == (2, 1.0, 2.0)
+    assert measured.failures == {"HTTP 502": 1, "no answer (2 failed, 1 errored, 0 timeout)": 1}
