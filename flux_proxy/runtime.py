@@ -19,6 +19,7 @@ from flux_proxy.fetch import ImageFetcher
 from flux_proxy.imaging import ImageWorker
 from flux_proxy.signing import UrlSigner
 from flux_proxy.store import DirectoryImageStore, ImageStore, MemoryImageStore
+from flux_proxy.transport import AiohttpTransport
 
 logger = logging.getLogger("flux_proxy")
 
@@ -57,7 +58,8 @@ class Runtime:
         if self._client is None or self._client.is_closed:
             limits = self.settings.limits
             self._client = httpx.AsyncClient(
-                transport=self._transport,
+                transport=self._transport
+                or AiohttpTransport(max_connections=200, ssl_context=httpx.create_ssl_context),
                 # A gateway serves many clients: an upstream's Set-Cookie for one must
                 # never ride along on another's request, so the jar accepts nothing.
                 cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),

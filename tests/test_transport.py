@@ -1,0 +1,73 @@
+"""The gateway's one HTTP client runs on aiohttp's pool (flux_proxy/transport.py): over
+real loopback servers it keeps httpx's guarantees: no cookie replayed, failures mapped."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from tests.images import assert_image, make_image
+from tests.openapi import assert_openai_error
+from tests.upstream_openai import gateway_config
+
+
+class CookieSettingUpstream:
+    """Answers an image and sets a cookie every time; records the requests' cookies."""
+
+    def __init__(self) -> None:
+        self.cookies: list[str | None] = []
+        text = base64.b64encode(make_image("png", (8, 8))).decode()
+        self._body = json.dumps({"created": 1, "data": [{"b64_json": text}]}).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope["headers"])
+        self.cookies.append(headers.get(b"cookie", b"").decode() or None)
+        while (await receive()).get("more_body"):
+            pass
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(self._body)).encode()),
+                    (b"set-cookie", b"session=abc; Path=/"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": self._body})
+
+
+async def cut_short(scope: Scope, receive: Receive, send: Send) -> None:
+    """Promises a long answer and stops after a few bytes, as a dying upstream does."""
+    while (await receive()).get("more_body"):
+        pass
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"100000")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b'{"data": [', "more_body": True})
+
+
+def post(gateway: str, **body: Any) -> httpx.Response:
+    payload = {"model": "up", "prompt": "x", "size": "8x8", "response_format": "b64_json"}
+    return httpx.post(f"{gateway}/v1/images/generations", json={**payload, **body}, timeout=30)
+
+
+def test_an_upstreams_cookies_are_never_sent_back(serve_upstream, start_gateway):
+    upstream = CookieSettingUpstream()
+    gateway = start_gateway(gateway_config(serve_upstream(upstream), "b64_json"))
+    for _ in range(2):
+        response = post(gateway)
+        assert response.status_code == 200, response.text
+        assert_image(base64.b64decode(response.json()["data"][0]["b64_json"]), "png", (8, 8))
+        assert "set-cookie" not in response.headers
+    assert upstream.cookies == [None, None]
+
+
+def test_an_answer_cut_short_is_a_502(serve_upstream, start_gateway):
+    gateway = start_gateway(gateway_config(serve_upstream(cut_short), "b64_json"))
+    error = assert_openai_error(post(gateway), 502)
+    assert "could not be reached" in error["message"], error
