@@ -29,6 +29,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 GRACE_SECONDS = 0.25
 
 
+async def settle(tasks: set[asyncio.Task[Any]], reason: str) -> None:
+    """Let ``tasks`` finish for a moment, then cancel the rest and let them unwind."""
+    if tasks:
+        await asyncio.wait(list(tasks), timeout=GRACE_SECONDS)
+    for task in list(tasks):
+        task.cancel(reason)
+    if tasks:
+        await asyncio.wait(list(tasks), timeout=GRACE_SECONDS)
+
+
 class _PromptServer(uvicorn.Server):
     """uvicorn that stops as soon as it is asked to (see the module docstring)."""
 
@@ -67,12 +77,7 @@ class _PromptServer(uvicorn.Server):
         for connection in list(self.server_state.connections):
             connection.shutdown()
         state = self.server_state
-        if state.tasks:
-            await asyncio.wait(list(state.tasks), timeout=GRACE_SECONDS)
-        for task in list(state.tasks):
-            task.cancel("test server stopping")
-        if state.tasks:
-            await asyncio.wait(list(state.tasks), timeout=GRACE_SECONDS)
+        await settle(state.tasks, "test server stopping")
         for connection in list(state.connections):
             # A connection whose handler was cancelled is still open: close it.
             connection.transport.close()
@@ -159,12 +164,7 @@ class _Plug:
     async def drain(self, server: uvicorn.Server) -> None:
         """Let the unplugged app's requests finish (briefly), cancel the rest, drop
         idle keep-alive connections: the next test starts on a quiet server."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=GRACE_SECONDS)
-        for task in list(self._tasks):
-            task.cancel("the test using this server ended")
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=GRACE_SECONDS)
+        await settle(self._tasks, "the test using this server ended")
         for connection in list(server.server_state.connections):
             connection.shutdown()
 
