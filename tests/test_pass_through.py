@@ -102,6 +102,7 @@ def test_an_upstream_url_is_passed_on_unchecked_by_default(upstream, start_gatew
     assert link.startswith(f"{url}/files/")
     assert recorder.downloads == []  # the gateway never fetched it
     entry = report(response)["response_format"]
+    assert entry["handling"] == "passthrough", entry  # the upstream's link, untouched
     assert "not downloaded or checked" in entry["detail"], entry
     assert "assumed webp 200x100" in entry["detail"], entry
     assert_image(httpx.get(link).content, "webp", (200, 100))

@@ -53,18 +53,26 @@ class ResponseFormatMiddleware(Layer):
             # links to images the gateway has not seen.
             job.report.record(
                 "response_format",
-                "emulated",
+                "passthrough",
                 "upstream URLs returned as they are, not downloaded or checked "
                 f"(store.verify_upstream_urls is off): {_assumed(unchecked)}",
             )
         elif "response_format" in job.request.model_fields_set:
             if wanted == "b64_json":
-                detail = "gateway returns the image bytes base64-encoded"
+                job.report.record(
+                    "response_format", "emulated", "gateway returns the image bytes base64-encoded"
+                )
             elif kept and not hosted:
-                detail = "upstream URLs returned as they are"
+                # The upstream's own links, untouched: nothing was emulated.
+                job.report.record(
+                    "response_format", "passthrough", "upstream URLs returned as they are"
+                )
             else:
-                detail = "gateway hosts the images at signed, expiring URLs"
-            job.report.record("response_format", "emulated", detail)
+                job.report.record(
+                    "response_format",
+                    "emulated",
+                    "gateway hosts the images at signed, expiring URLs",
+                )
         return result
 
     async def _encode_pixels(self, image: GeneratedImage) -> None:
