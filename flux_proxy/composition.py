@@ -137,11 +137,12 @@ def _check_order(placed: Sequence[_Placed]) -> None:
             if rule.inner not in inner.cls.effects:
                 continue
             for outer in placed[inner_pos + 1 :]:
-                if rule.outer in outer.cls.effects and outer.cls is not inner.cls:
+                # Each name appears once (checked above), so outer is never inner.
+                if rule.outer in outer.cls.effects:
                     raise ConfigError(
                         f"middlewares: {inner.label} must come after {outer.label}: "
-                        f"{outer.name} {_verb(rule.outer)} and {inner.name} "
-                        f"{_verb(rule.inner)}, and {rule.reason}"
+                        f"{outer.name} {_VERBS[rule.outer]} and {inner.name} "
+                        f"{_VERBS[rule.inner]}, and {rule.reason}"
                     )
 
 
@@ -153,10 +154,6 @@ _VERBS: Mapping[Effect, str] = {
     "shapes_body": "shapes the provider's body",
     "consumes_fields": "consumes client fields",
 }
-
-
-def _verb(effect: Effect) -> str:
-    return _VERBS[effect]
 
 
 class StackGuard:

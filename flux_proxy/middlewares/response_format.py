@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE, encode
 from flux_proxy.pipeline import CallNext, Layer
 from flux_proxy.runtime import Runtime
-from flux_proxy.schema import GeneratedImage, ImageJob, ImageResult
+from flux_proxy.schema import GeneratedImage, Handling, ImageJob, ImageResult
 
 
 class ResponseFormatMiddleware(Layer):
@@ -58,21 +58,15 @@ class ResponseFormatMiddleware(Layer):
                 f"(store.verify_upstream_urls is off): {_assumed(unchecked)}",
             )
         elif "response_format" in job.request.model_fields_set:
+            handling: Handling = "emulated"
             if wanted == "b64_json":
-                job.report.record(
-                    "response_format", "emulated", "gateway returns the image bytes base64-encoded"
-                )
+                detail = "gateway returns the image bytes base64-encoded"
             elif kept and not hosted:
                 # The upstream's own links, untouched: nothing was emulated.
-                job.report.record(
-                    "response_format", "passthrough", "upstream URLs returned as they are"
-                )
+                handling, detail = "passthrough", "upstream URLs returned as they are"
             else:
-                job.report.record(
-                    "response_format",
-                    "emulated",
-                    "gateway hosts the images at signed, expiring URLs",
-                )
+                detail = "gateway hosts the images at signed, expiring URLs"
+            job.report.record("response_format", handling, detail)
         return result
 
     async def _encode_pixels(self, image: GeneratedImage) -> None:
