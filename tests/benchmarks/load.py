@@ -74,6 +74,10 @@ class Generator(Protocol):
     ) -> Measured: ...
 
 
+# The units h2load prints "finished in" with: a short run on a fast machine is not in s.
+_SECONDS_PER_UNIT = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
+
+
 class H2Load:
     """h2load, on this process's CPU; latencies come from its per-request log."""
 
@@ -127,11 +131,11 @@ class H2Load:
         # (a reset, a timeout); only the summary has those.
         if failed and int(failed[1]) > failures.total():
             failures[f"no answer ({failed[0]})"] = int(failed[1]) - failures.total()
-        finished = re.search(r"finished in ([\d.]+)(m?s)", summary)
+        finished = re.search(r"finished in ([\d.]+)(s|ms|us|µs)\b", summary)
         if load.requests is None:
             elapsed = load.seconds
         elif finished:
-            elapsed = float(finished[1]) / (1000 if finished[2] == "ms" else 1)
+            elapsed = float(finished[1]) * _SECONDS_PER_UNIT[finished[2]]
         else:
             raise BenchmarkError(f"h2load printed no summary: {summary}")
         return Measured.of(latencies, failures, elapsed)

@@ -81,6 +81,17 @@ async def test_a_wrong_answer_fails_the_run() -> None:
             await check_answer(client, webp, _answer([png]), {64: png})
 
 
+@pytest.mark.parametrize(
+    ("finished", "rps"), [("2.00s", 1.0), ("500ms", 4.0), ("900us", 2222.2), ("900µs", 2222.2)]
+)
+def test_h2load_elapsed_time_is_read_in_any_unit_it_prints(finished: str, rps: float) -> None:
+    """A counted run's rate comes from h2load's elapsed time, in whatever unit it chose."""
+    summary = f"finished in {finished}, 1.00 req/s, 1KB/s\nrequests: 2 total, 2 started\n"
+    log = "1\t200\t180\n2\t200\t211\n"
+    measured = H2Load._parse(summary, log, Load(concurrency=1, seconds=0.0, warmup=0.0, requests=2))
+    assert measured.rps == pytest.approx(rps, rel=1e-3)
+
+
 def test_h2load_results_count_failures_but_not_requests_cut_off_at_the_end() -> None:
     log = "1\t200\t2000\n2\t200\t4000\n3\t502\t100\n4\t0\t9000\n"
     summary = (
