@@ -177,29 +177,39 @@ class Report:
         """Compact ASCII JSON, in the order the client sent the parameters.
 
         Past MAX_HEADER the details are dropped, then trailing entries, and
-        ``"_truncated"`` counts the entries left out.
+        ``"_truncated"`` counts the entries left out. Each entry is encoded once, so
+        the cost is linear in the report's size however long the parameter names are.
         """
         entries = {p: self._entries[p] for p in params if p in self._entries}
         entries.update({p: v for p, v in self._entries.items() if p not in entries})
-        body: dict[str, Any] = {
-            k: {"handling": v.handling, "detail": v.detail} for k, v in entries.items()
-        }
-        text = _compact(body)
+        text = _compact(
+            {k: {"handling": v.handling, "detail": v.detail} for k, v in entries.items()}
+        )
         if len(text) <= self.MAX_HEADER:
             return text
-        body = {k: {"handling": v.handling} for k, v in entries.items()}
-        kept = list(body)
-        while kept and len(text := _compact(_cut(body, kept))) > self.MAX_HEADER:
-            kept.pop()
-        return text
+        # '"name":{"handling":"..."}' for each entry, without the braces around it.
+        pieces = [_compact({k: {"handling": v.handling}})[1:-1] for k, v in entries.items()]
+        budget = self.MAX_HEADER - len(_truncated(len(pieces)))
+        kept, used = 0, 0
+        for piece in pieces:
+            used += len(piece) + 1  # and its comma
+            if used > budget:
+                break
+            kept += 1
+        return (
+            "{"
+            + "".join(piece + "," for piece in pieces[:kept])
+            + _truncated(len(pieces) - kept)[1:]
+        )
 
 
 def _compact(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
 
 
-def _cut(body: dict[str, Any], kept: list[str]) -> dict[str, Any]:
-    return {**{k: body[k] for k in kept}, "_truncated": len(body) - len(kept)}
+def _truncated(left_out: int) -> str:
+    """The closing member, with its opening brace: '{"_truncated":3}'."""
+    return _compact({"_truncated": left_out})
 
 
 class GeneratedImage:
