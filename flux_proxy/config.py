@@ -100,6 +100,13 @@ class LimitSettings(_Section):
     # Largest image the gateway will download from an upstream URL.
     max_fetch_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
+    @property
+    def max_upstream_pixels(self) -> int:
+        """Largest image (in pixels, read from its header) taken from an upstream: twice
+        the largest the gateway makes, room for a provider's native size above the one
+        asked for (the gateway scales it down), never a decompression bomb's."""
+        return 2 * self.max_pixels
+
 
 class StoreSettings(_Section):
     backend: Literal["memory", "directory"] = "memory"

@@ -21,7 +21,7 @@ import httpx
 from flux_proxy import b64
 from flux_proxy.errors import UpstreamError, UpstreamTimeout
 from flux_proxy.hosts import origin
-from flux_proxy.imaging import probe
+from flux_proxy.imaging import check_pixels, probe
 from flux_proxy.peek import ImageBytes, is_complete, pixel_size, sniff_format
 from flux_proxy.schema import GeneratedImage
 from flux_proxy.upstream import AnswerTooLarge, send_capped
@@ -35,8 +35,10 @@ class ImageFetcher:
         trusted_origins: Iterable[str],
         trusted_hosts: Iterable[str],
         max_bytes: int,
+        max_pixels: int,
     ) -> None:
         self._http = http
+        self._max_pixels = max_pixels
         self._origins = {origin(url) for url in trusted_origins}
         self._hosts = {host.lower() for host in trusted_hosts}
         self._max_bytes = max_bytes
@@ -75,7 +77,7 @@ class ImageFetcher:
             elif image.url is not None:
                 image.data = await self.fetch(image.url)
         if image.data is not None:
-            read_header(image)
+            read_header(image, self._max_pixels)
         return image
 
     async def ensure_info(self, image: GeneratedImage, *, verify: bool = True) -> bool:
@@ -86,7 +88,7 @@ class ImageFetcher:
             if image.url is None or not verify:
                 return False
             image.data = await self.fetch(image.url)
-        read_header(image)
+        read_header(image, self._max_pixels)
         return True
 
     async def check_url(self, url: str) -> None:
@@ -129,11 +131,11 @@ def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_global
 
 
-def read_header(image: GeneratedImage) -> None:
+def read_header(image: GeneratedImage, max_pixels: int) -> None:
     """Set ``image``'s media type and pixel size from the first bytes it holds (its
     bytes or its base64 text, which stays undecoded: only the groups read are), and
     check from the last ones that it is complete: a truncated upstream image is a 502,
-    never a 200."""
+    never a 200, and so is one above ``max_pixels``, before anything decodes it."""
     if image.media_type and image.width and image.height and not image.assumed:
         return  # read already, or made by the gateway itself
     text = image.b64 if image.data is None else None
@@ -154,6 +156,7 @@ def read_header(image: GeneratedImage) -> None:
         assert image.data is not None
         fmt, width, height = probe(image.data)
         size = (width, height)
+    check_pixels(*size, max_pixels)
     image.media_type = f"image/{fmt}"
     image.width, image.height = size
     image.assumed = False

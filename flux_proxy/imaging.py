@@ -43,6 +43,19 @@ PILLOW_NAMES: dict[str, str] = {
 }
 
 
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Refuse (502) an upstream image larger than the gateway decodes, from its header.
+
+    A few hundred kilobytes of PNG can claim 20,000 x 20,000 pixels; decoded, that is
+    1.6 GB. The size is read before anything is decoded."""
+    if width * height > max_pixels:
+        raise UpstreamError(
+            f"The upstream returned a {width}x{height} image, larger than the "
+            f"{max_pixels} pixels this gateway decodes.",
+            code="upstream_image_too_large",
+        )
+
+
 def probe(data: bytes) -> tuple[str, int, int]:
     """Format and pixel size, reading only the header."""
     fmt = sniff_format(data)
@@ -56,11 +69,21 @@ def probe(data: bytes) -> tuple[str, int, int]:
     return fmt, width, height
 
 
-def decode(data: bytes) -> Image.Image:
+def decode(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode ``data``, refusing first (from the header) an image above ``max_pixels``.
+
+    The bound is this call's, not Pillow's process-wide ``MAX_IMAGE_PIXELS`` (left as
+    Pillow sets it, an outer bound for every caller): two gateways in one process, or
+    a plugin decoding with its own bound, do not change each other's."""
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
     except Exception as exc:  # Pillow raises many kinds for bad input; all mean the same here
+        raise UpstreamError("The upstream returned an image the gateway cannot decode.") from exc
+    if max_pixels is not None:
+        check_pixels(image.width, image.height, max_pixels)
+    try:
+        image.load()
+    except Exception as exc:  # as above
         raise UpstreamError("The upstream returned an image the gateway cannot decode.") from exc
     return image
 

@@ -48,6 +48,7 @@ class Runtime:
             trusted_origins=[t.base_url for t in settings.provider_configs() if t.base_url],
             trusted_hosts=settings.fetch.allow_private_hosts,
             max_bytes=limits.max_fetch_bytes,
+            max_pixels=limits.max_upstream_pixels,
         )
         self.store: ImageStore = _make_store(settings)
         self.signer = UrlSigner(_signing_key(settings, self.environ), settings.store.ttl_seconds)

@@ -17,6 +17,8 @@ from flux_proxy.schema import GeneratedImage
 from tests.images import PILLOW_FORMATS, decode
 
 SIZE = (321, 123)
+# The pixel cap read_header applies; the images here are far below it.
+MAX_PIXELS = 4096 * 4096
 # (format, Pillow save options, mode): every way the gateway's encoders and common
 # upstreams write them.
 CASES: list[tuple[str, dict[str, Any], str]] = [
@@ -60,6 +62,18 @@ def test_header_and_end_agree_with_pillow(fmt, options, mode, as_text):
         assert not is_complete(held(data[:-cut], as_text), fmt), cut
 
 
+@pytest.mark.parametrize(("fmt", "options", "mode"), CASES)
+def test_read_header_refuses_an_image_above_the_pixel_cap_before_decoding(fmt, options, mode):
+    cap = SIZE[0] * SIZE[1]
+    image = GeneratedImage(b64=base64.b64encode(encoded(fmt, options, mode)))
+    with pytest.raises(UpstreamError) as refused:
+        read_header(image, cap - 1)
+    assert refused.value.code == "upstream_image_too_large"
+    fits = GeneratedImage(b64=base64.b64encode(encoded(fmt, options, mode)))
+    read_header(fits, cap)
+    assert (fits.width, fits.height) == SIZE
+
+
 def test_reading_base64_decodes_only_the_groups_it_needs():
     data = encoded("png", {}, "RGB")
     text = base64.b64encode(data)
@@ -75,13 +89,13 @@ def test_reading_base64_decodes_only_the_groups_it_needs():
 def test_read_header_refuses_a_truncated_image_and_names_it():
     data = encoded("webp", {}, "RGB")
     with pytest.raises(UpstreamError, match="truncated webp image"):
-        read_header(GeneratedImage(b64=base64.b64encode(data[:-10])))
+        read_header(GeneratedImage(b64=base64.b64encode(data[:-10])), MAX_PIXELS)
 
 
 def test_read_header_sets_format_and_size_and_leaves_base64_undecoded():
     data = encoded("jpeg", {"exif": b"Exif\x00\x00" + bytes(40_000)}, "RGB")
     image = GeneratedImage(b64=base64.b64encode(data))
-    read_header(image)
+    read_header(image, MAX_PIXELS)
     assert (image.media_type, image.width, image.height) == ("image/jpeg", *SIZE)
     assert image.data is None
 
@@ -91,7 +105,7 @@ def test_an_unusual_header_is_left_to_pillow():
     data[12:16] = b"IHDX"  # not where this reading looks, and Pillow refuses it too
     assert pixel_size(ImageBytes(data=bytes(data)), "png") is None
     with pytest.raises(UpstreamError, match="unreadable png"):
-        read_header(GeneratedImage(data=bytes(data)))
+        read_header(GeneratedImage(data=bytes(data)), MAX_PIXELS)
 
 
 def test_invalid_base64_is_refused_before_it_is_passed_on():

@@ -59,6 +59,7 @@ class OutputFormatMiddleware(Layer):
         self._runtime = runtime
         self._default = runtime.settings.defaults.output_format
         self._quality = options.quality
+        self._max_decode = runtime.settings.limits.max_upstream_pixels
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
         request = job.request
@@ -93,7 +94,7 @@ class OutputFormatMiddleware(Layer):
         )
         assert source is not None  # ensure_data gave it bytes
         image.data = await self._runtime.images.run(
-            _transcode, source, plan.target, plan.compression
+            _transcode, source, plan.target, plan.compression, self._max_decode
         )
         image.pixels = image.url = None
         image.media_type = MEDIA_TYPES[plan.target]
@@ -125,6 +126,8 @@ class OutputFormatMiddleware(Layer):
                 )
 
 
-def _transcode(source: Image.Image | bytes, fmt: str, compression: int | None) -> bytes:
-    image = decode(source) if isinstance(source, bytes) else source
+def _transcode(
+    source: Image.Image | bytes, fmt: str, compression: int | None, max_decode: int
+) -> bytes:
+    image = decode(source, max_decode) if isinstance(source, bytes) else source
     return encode(image, fmt, compression)

@@ -25,6 +25,7 @@ class SizeMiddleware(Layer):
         limits = runtime.settings.limits
         self._limits = SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels)
         self._runtime = runtime
+        self._max_decode = limits.max_upstream_pixels
 
     def check(self, job: ImageJob) -> None:
         self._target(job)
@@ -83,7 +84,9 @@ class SizeMiddleware(Layer):
             image.pixels if image.pixels is not None else (await fetcher.ensure_data(image)).data
         )
         assert source is not None  # ensure_data gave it bytes
-        image.pixels = await self._runtime.images.run(_fit, source, target.width, target.height)
+        image.pixels = await self._runtime.images.run(
+            _fit, source, target.width, target.height, self._max_decode
+        )
         image.data = image.url = image.media_type = None
         image.width, image.height = target.width, target.height
 
@@ -122,6 +125,6 @@ def _pixel_fields(job: ImageJob) -> tuple[int, int] | None:
     return None
 
 
-def _fit(source: Image.Image | bytes, width: int, height: int) -> Image.Image:
-    image = decode(source) if isinstance(source, bytes) else source
+def _fit(source: Image.Image | bytes, width: int, height: int, max_decode: int) -> Image.Image:
+    image = decode(source, max_decode) if isinstance(source, bytes) else source
     return fit(image, width, height)
