@@ -45,9 +45,7 @@ class ImageFetcher:
 
     async def fetch(self, url: str) -> bytes:
         if url.startswith("data:"):
-            if len(url) * 3 // 4 > self._max_bytes:
-                raise UpstreamError("The upstream image is larger than the gateway accepts.")
-            return _decode_data_uri(url)
+            return b64.decode(self.data_uri_text(url))
         await self.check_url(url)
         http = self._http()
         try:
@@ -67,6 +65,20 @@ class ImageFetcher:
                 f"Fetching the upstream image failed with HTTP {response.status_code}."
             )
         return response.content
+
+    def data_uri_text(self, uri: str) -> bytes:
+        """The base64 text of a ``data:`` URI, under the same cap as a download but not
+        decoded: like an OpenAI ``b64_json`` answer it is passed on as it is unless a
+        layer needs the bytes (its media type label is ignored: the bytes say it)."""
+        header, _, payload = uri.partition(",")
+        if not header.endswith(";base64"):
+            raise UpstreamError("The upstream returned a data URI that is not base64.")
+        if len(payload) * 3 // 4 > self._max_bytes:
+            raise UpstreamError("The upstream image is larger than the gateway accepts.")
+        try:
+            return payload.encode("ascii")
+        except UnicodeEncodeError:
+            raise b64.InvalidBase64() from None
 
     async def ensure_data(self, image: GeneratedImage) -> GeneratedImage:
         """Give ``image`` its bytes, media type and pixel size: the one place the
@@ -160,13 +172,3 @@ def read_header(image: GeneratedImage, max_pixels: int) -> None:
     image.media_type = f"image/{fmt}"
     image.width, image.height = size
     image.assumed = False
-
-
-def _decode_data_uri(uri: str) -> bytes:
-    header, _, payload = uri.partition(",")
-    if not header.endswith(";base64"):
-        raise UpstreamError("The upstream returned a data URI that is not base64.")
-    try:
-        return b64.decode(payload)
-    except b64.InvalidBase64:
-        raise UpstreamError("The upstream returned a malformed base64 data URI.") from None

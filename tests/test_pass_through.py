@@ -19,12 +19,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.images import assert_image, make_image
+from tests.images import assert_image, make_image, non_canonical_base64
 from tests.openapi import assert_openai_error
 from tests.servers import ServeUpstream
 from tests.upstream_openai import RecordingUpstream, gateway_config
-
-ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 @pytest.fixture
@@ -46,18 +44,6 @@ def generate(gateway: str, **body: Any) -> httpx.Response:
 def report(response: httpx.Response) -> dict[str, Any]:
     parsed: dict[str, Any] = json.loads(response.headers["x-flux-proxy-params"])
     return parsed
-
-
-def non_canonical_base64(data: bytes) -> str:
-    """Valid base64 of ``data`` that no encoder writes: the last character's unused
-    bits are set. Decoders accept it; only text passed on as it is comes back so."""
-    text = base64.b64encode(data).decode()
-    assert text.endswith("="), "needs padding, so the last character has spare bits"
-    last = len(text.rstrip("=")) - 1
-    odd = ALPHABET[ALPHABET.index(text[last]) + 1]
-    changed = text[:last] + odd + text[last + 1 :]
-    assert base64.b64decode(changed, validate=True) == data
-    return changed
 
 
 def test_unchanged_base64_reaches_the_client_as_the_upstream_wrote_it(

@@ -221,13 +221,12 @@ class UpstreamProvider(Generic[SpecT, OptionsT]):
         self, url: str, seed: int | None = None, width: int | None = None, height: int | None = None
     ) -> GeneratedImage:
         """The image an answer names: a URL the core fetches when it needs the bytes, or a
-        ``data:`` URI decoded here (size-capped), so that no data: URI travels further."""
-        image = GeneratedImage(seed=seed, width=width, height=height)
+        ``data:`` URI whose base64 text is kept (size-capped, undecoded: passed on as it is
+        where nothing changes), so that no data: URI travels further."""
         if url.startswith("data:"):
-            image.data = await self.runtime.fetcher.fetch(url)
-        else:
-            image.url = url
-        return image
+            text = self.runtime.fetcher.data_uri_text(url)
+            return GeneratedImage(b64=text, seed=seed, width=width, height=height)
+        return GeneratedImage(url=url, seed=seed, width=width, height=height)
 
     def upstream(self, job: ImageJob, entry: ModelEntry[SpecT, OptionsT]) -> Upstream:
         """The line to the upstream for one call: key (502 naming the variable if unset)."""

@@ -57,7 +57,7 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
         response = await upstream.request("POST", url, json=self._body(job, entry.options))
         if response.status_code != 200:
             raise upstream.error(response)
-        return self._images(upstream.json(response, "request"), job)
+        return await self._images(upstream.json(response, "request"), job)
 
     def _body(self, job: ImageJob, options: OpenAIOptions) -> dict[str, Any]:
         route = job.target
@@ -80,7 +80,7 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
         native.put_fields()
         return native.body
 
-    def _images(self, payload: Any, job: ImageJob) -> list[GeneratedImage]:
+    async def _images(self, payload: Any, job: ImageJob) -> list[GeneratedImage]:
         items = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(items, list) or not items:
             raise UpstreamError("The openai upstream answered without any images.")
@@ -100,7 +100,10 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
                     raise InvalidBase64() from None
                 images.append(GeneratedImage(b64=text, seed=seed, revised_prompt=revised))
             elif isinstance(item.get("url"), str):
-                images.append(GeneratedImage(url=item["url"], seed=seed, revised_prompt=revised))
+                # A data: URI (some compatible hosts inline the image) is kept as text too.
+                image = await self.image_at(item["url"], seed)
+                image.revised_prompt = revised
+                images.append(image)
             else:
                 raise UpstreamError("The openai upstream sent an image with neither url nor data.")
         return images

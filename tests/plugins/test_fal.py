@@ -14,7 +14,7 @@ import pytest
 
 from flux_proxy.config import ConfigError
 from flux_proxy_fal.emulator import FalEmulator, Recorded, create_app
-from tests.images import assert_image
+from tests.images import assert_image, inline_jpeg_base64
 from tests.openapi import assert_openai_error
 from tests.servers import ServeUpstream
 from tests.sse import stream_events
@@ -285,6 +285,32 @@ def test_client_sync_mode_returns_inline_images_that_are_decoded(
     assert fal.body()["sync_mode"] is True
     assert fal.emulator.calls("GET", "/files/") == []  # nothing to fetch: the bytes came inline
     assert report(response)["sync_mode"]["handling"] == "passthrough"
+
+
+def test_sync_mode_base64_is_passed_on_as_fal_wrote_it(fal: Fal, gateway: str) -> None:
+    written: list[str] = []
+
+    def inline(data: bytes) -> str:
+        written.append(inline_jpeg_base64(data))  # valid, but no encoder writes it
+        return written[-1]
+
+    fal.emulator.inline_base64 = inline
+    response = post(gateway, n=2, output_format="jpeg", response_format="b64_json", sync_mode=True)
+    assert response.status_code == 200, response.text
+    passed_on = [item["b64_json"] for item in response.json()["data"]]
+    assert passed_on == written  # not decoded and encoded again
+    for text in passed_on:
+        assert_image(base64.b64decode(text), "jpeg", (256, 256))
+
+
+def test_a_truncated_inline_image_is_a_502_that_says_so(fal: Fal, gateway: str) -> None:
+    fal.emulator.inline_base64 = lambda data: base64.b64encode(data[:-40]).decode()
+    for response_format in ("b64_json", "url"):
+        response = post(
+            gateway, output_format="jpeg", response_format=response_format, sync_mode=True
+        )
+        error = assert_openai_error(response, 502)
+        assert "truncated jpeg image" in error["message"], error
 
 
 # --- moderation and validation ---------------------------------------------------------------

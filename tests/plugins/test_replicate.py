@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from flux_proxy import FluxProxy
 from flux_proxy.config import ConfigError
 from flux_proxy_replicate.emulator import ReplicateEmulator, create_app
-from tests.images import assert_image, data_of, decode
+from tests.images import assert_image, data_of, decode, inline_jpeg_base64
 from tests.openapi import assert_openai_error
 from tests.servers import ServeUpstream, serve
 from tests.sse import stream_events
@@ -143,6 +143,32 @@ def test_one_prediction_with_every_field_inside_input(start: Start) -> None:
     assert report["image_prompt"]["handling"] == "passthrough"
     assert report["seed"]["handling"] == "passthrough"
     assert report["prompt"]["handling"] == "passthrough"
+
+
+def test_an_inline_output_is_passed_on_as_replicate_wrote_it(start: Start) -> None:
+    written: list[str] = []
+
+    def inline(data: bytes) -> str:
+        written.append(inline_jpeg_base64(data))  # valid, but no encoder writes it
+        return written[-1]
+
+    _, gateway = start({"inline_outputs": inline})
+    response = post(gateway, output_format="jpeg", response_format="b64_json")
+    assert response.status_code == 200, response.text
+    [text] = [item["b64_json"] for item in response.json()["data"]]
+    assert [text] == written  # not decoded and encoded again
+    assert_image(base64.b64decode(text), "jpeg", (256, 256))
+    hosted = post(gateway, output_format="jpeg", response_format="url")
+    assert hosted.status_code == 200, hosted.text  # decoded for the store this time
+    assert_image(httpx.get(hosted.json()["data"][0]["url"]).content, "jpeg", (256, 256))
+
+
+def test_a_truncated_inline_output_is_a_502_that_says_so(start: Start) -> None:
+    _, gateway = start({"inline_outputs": lambda data: base64.b64encode(data[:-40]).decode()})
+    for response_format in ("b64_json", "url"):
+        response = post(gateway, output_format="jpeg", response_format=response_format)
+        error = assert_openai_error(response, 502)
+        assert "truncated jpeg image" in error["message"], error
 
 
 def test_polling_follows_urls_get_and_jpeg_is_spelled_jpg(start: Start) -> None:

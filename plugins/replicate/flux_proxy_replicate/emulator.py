@@ -182,6 +182,9 @@ class ReplicateEmulator:
     urls_base: str | None = None
     # Lifetime of output links and of a prediction's data.
     url_ttl: float = 3600.0
+    # Outputs as data: URIs, the bytes written as base64 by this (as some sync answers
+    # inline the file; a test may write unusual or cut-short base64); None: signed links.
+    inline_outputs: Callable[[bytes], str] | None = None
     clock: Callable[[], float] = time.time
     signing_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     records: list[RecordedRequest] = field(default_factory=list)
@@ -335,7 +338,11 @@ class ReplicateEmulator:
         base = (self.urls_base or prediction.base_url).rstrip("/") + self.urls_prefix.rstrip("/")
         removed = self.clock() > prediction.created + self.url_ttl
         output = None
-        if prediction.status == "succeeded" and not removed and prediction.filename:
+        ready = prediction.status == "succeeded" and not removed
+        if ready and self.inline_outputs is not None and prediction.image is not None:
+            text = self.inline_outputs(prediction.image)
+            output = f"data:{prediction.media_type};base64,{text}"
+        elif ready and prediction.filename:
             expires = int(prediction.created + self.url_ttl)
             signature = self._signature(prediction.id, prediction.filename, str(expires))
             output = (
