@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 import orjson
 
@@ -178,7 +179,24 @@ async def send_capped(
     The answer is read as it arrives and given up at the cap (or at once when its
     Content-Length says it is over), never held whole first, however large the
     upstream makes it. Transport failures are the caller's to map.
+
+    The request's read timeout (the client's ``limits.upstream_timeout``) bounds the
+    whole exchange, not only each read: an upstream trickling a byte a second would
+    otherwise hold the request until its own deadline. Past it: ``httpx.ReadTimeout``.
     """
+    budget = request.extensions.get("timeout", {}).get("read")
+    try:
+        with anyio.fail_after(budget):
+            return await _read_capped(http, request, max_bytes)
+    except TimeoutError:
+        raise httpx.ReadTimeout(
+            f"The upstream exchange took longer than {budget:g} seconds.", request=request
+        ) from None
+
+
+async def _read_capped(
+    http: httpx.AsyncClient, request: httpx.Request, max_bytes: int
+) -> httpx.Response:
     response = await http.send(request, stream=True)
     chunks: list[bytes] = []
     size = 0
