@@ -113,6 +113,13 @@ class ImageFetcher:
         host = parts.hostname
         if parts.scheme not in ("http", "https") or not host:
             raise UpstreamError("The upstream returned a URL the gateway cannot fetch.")
+        if parts.username is not None or parts.password is not None:
+            # Refused, not stripped: whoever wrote user:pass@ into an answer meant them to
+            # be sent, and the gateway sends no credential an upstream chose.
+            raise UpstreamError(
+                "The upstream returned a URL with credentials in it (user:password@); "
+                "the gateway does not fetch such URLs."
+            )
         if host.lower() in self._hosts or origin(url) in self._origins:
             return
         try:

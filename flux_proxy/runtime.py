@@ -19,7 +19,7 @@ from flux_proxy.fetch import ImageFetcher
 from flux_proxy.imaging import ImageWorker
 from flux_proxy.signing import UrlSigner
 from flux_proxy.store import DirectoryImageStore, ImageStore, MemoryImageStore
-from flux_proxy.transport import AiohttpTransport
+from flux_proxy.transport import NO_URL_CREDENTIALS, AiohttpTransport
 
 logger = logging.getLogger("flux_proxy")
 
@@ -67,6 +67,8 @@ class Runtime:
                 timeout=httpx.Timeout(limits.upstream_timeout, connect=10.0),
                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
                 follow_redirects=False,
+                # A URL's user:pass@ never becomes an Authorization header.
+                auth=NO_URL_CREDENTIALS,
             )
         return self._client
 

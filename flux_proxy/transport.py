@@ -23,6 +23,14 @@ _NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CHUNK = 64 * 1024
 
 
+class _NoUrlCredentials(httpx.Auth):
+    """The client's auth: none. Without one, httpx turns a URL's user:pass@ into a
+    Basic Authorization header; the gateway's credentials are the headers it sets."""
+
+
+NO_URL_CREDENTIALS = _NoUrlCredentials()
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """One aiohttp session, made on first use inside the running loop, closed with the
     client. Failures arrive as httpx's exceptions, so callers map them as before."""
@@ -53,7 +61,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         with _as_httpx_errors(request):
             answer = await self._open().request(
                 request.method,
-                yarl.URL(str(request.url), encoded=True),  # byte for byte, as httpx encoded it
+                # Byte for byte, as httpx encoded it, but with no userinfo: aiohttp would
+                # turn user:pass@ into an Authorization header, as httpx would (see
+                # NO_URL_CREDENTIALS).
+                yarl.URL(str(request.url), encoded=True).with_user(None),
                 headers=headers,
                 data=body,
                 allow_redirects=False,
