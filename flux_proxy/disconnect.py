@@ -34,5 +34,12 @@ async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]
             failure.append(error)
         group.cancel_scope.cancel()
     if failure:
-        raise failure[0]
-    return outcome[0] if outcome else None
+        raised = failure.pop()
+        try:
+            raise raised
+        finally:
+            # The traceback holds this frame, and the frame held the error: a cycle that
+            # kept all the failed request held (a refused gigabyte answer, say) alive
+            # until a full garbage collection, hundreds of requests later.
+            del raised
+    return outcome.pop() if outcome else None

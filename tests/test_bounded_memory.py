@@ -4,17 +4,22 @@ failed request's memory goes when the request does."""
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import struct
+import tracemalloc
 import zlib
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
 from PIL import Image
+from starlette.types import Receive, Scope, Send
 
 from flux_proxy import FluxProxy
 from flux_proxy.errors import UpstreamError
 from flux_proxy.imaging import decode
+from tests.asgi import asgi_client
 from tests.images import make_image
 from tests.in_process import generate
 from tests.openapi import assert_openai_error
@@ -85,3 +90,67 @@ def test_decode_bounds_each_call_not_the_process():
     assert decode(image).size == (300, 200)  # no bound given: Pillow's own
     after = Image.MAX_IMAGE_PIXELS
     assert after == before
+
+
+# An upstream answer above the cap the gateway reads answers with (limits below), or
+# one within it whose image is cut short: either way the request fails with a 502
+# after holding megabytes, which must go when the request does.
+FETCH_CAP = 4 * 1024 * 1024
+ANSWER_CAP = FETCH_CAP * 4 // 3 + 65536  # what providers read one image's answer with
+
+
+def streamed_answer(size: int, prefix: bytes = b"") -> Callable[..., Awaitable[None]]:
+    """An upstream app answering any request with a JSON body of ``size`` bytes of
+    base64, sent in pieces (it holds no copy of the whole)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        text = base64.b64encode(prefix)
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b'{"data":[{"b64_json":"' + text,
+                "more_body": True,
+            }
+        )
+        piece = b"A" * 65536
+        for _ in range((size - len(text)) // len(piece)):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b'"}]}'})
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("answer", "refusal"),
+    [
+        (streamed_answer(ANSWER_CAP * 3), "larger than the gateway accepts"),
+        (streamed_answer(ANSWER_CAP - 65536, prefix=make_image("png", (8, 8))), "truncated"),
+    ],
+    ids=["answer-above-the-cap", "truncated-image-within-it"],
+)
+async def test_a_failed_requests_memory_is_freed_when_it_ends(serve_upstream, answer, refusal):
+    url = serve_upstream(answer)
+    entry = {"provider": "openai", "base_url": f"{url}/v1"}
+    app = FluxProxy({"limits": {"max_fetch_bytes": FETCH_CAP}, "models": {"m": entry}}, environ={})
+    body = {"model": "m", "prompt": "x", "size": "64x64"}
+    async with asgi_client(app) as client:
+        await client.post("/v1/images/generations", json=body)  # the client and pool, warm
+        # No collector: what is not freed by reference counting the moment the request
+        # ends (a reference cycle) stays, and shows.
+        gc.disable()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            response = await client.post("/v1/images/generations", json=body)
+            held, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+    assert refusal in assert_openai_error(response, 502)["message"]
+    assert peak - before > FETCH_CAP  # the measurement does see the answer while it is read
+    assert held - before < FETCH_CAP // 4
