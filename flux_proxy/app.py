@@ -179,14 +179,18 @@ class FluxProxy:
         if not is_valid_name(name):
             raise NotFound("No such image.", param=None)
         query = request.query_params
-        self.runtime.signer.verify(name, query.get("expires"), query.get("signature"))
+        valid_for = self.runtime.signer.verify(name, query.get("expires"), query.get("signature"))
         stored = await self.runtime.store.get(name)
         if stored is None:
             raise NotFound("This image has expired or never existed.")
+        # No cache keeps the image past its link (store.ttl_seconds after it was made).
         return Response(
             stored.data,
             media_type=stored.media_type,
-            headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
+            headers={
+                "Cache-Control": f"private, max-age={valid_for}",
+                "X-Content-Type-Options": "nosniff",
+            },
         )
 
     # --- helpers ------------------------------------------------------------------

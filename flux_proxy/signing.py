@@ -23,14 +23,17 @@ class UrlSigner:
         expires = int(self._clock()) + self._ttl
         return f"expires={expires}&signature={self._signature(name, expires)}"
 
-    def verify(self, name: str, expires: str | None, signature: str | None) -> None:
+    def verify(self, name: str, expires: str | None, signature: str | None) -> int:
+        """Check a link's signature and expiry; the seconds it stays valid (403 if none)."""
         # isascii: str.isdigit() also accepts digits like "²" that int() refuses.
         if not expires or not signature or not _is_small_number(expires):
             raise Forbidden("This image link is not signed.", code="invalid_signature")
         if not hmac.compare_digest(self._signature(name, int(expires)), signature):
             raise Forbidden("This image link's signature is not valid.", code="invalid_signature")
-        if int(expires) < self._clock():
+        left = int(expires) - int(self._clock())
+        if left < 0:
             raise Forbidden("This image link has expired.", code="link_expired")
+        return left
 
     def _signature(self, name: str, expires: int) -> str:
         message = f"{name}\n{expires}".encode()

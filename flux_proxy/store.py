@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,6 +24,9 @@ from flux_proxy.imaging import EXTENSIONS, MEDIA_TYPES
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpg|gif|webp|avif)$")
 _MEDIA_TYPE_OF_EXTENSION = {ext: MEDIA_TYPES[fmt] for fmt, ext in EXTENSIONS.items()}
+# What an OrderedDict spends on one key beyond the objects it holds (its hash-table
+# slot and entry, its linked-list node, room to grow), rounded up: ~65-100 measured.
+_ORDERED_DICT_ENTRY = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +68,9 @@ class MemoryImageStore:
 
     async def put(self, data: bytes, fmt: str) -> str:
         name = new_name(fmt)
-        self._items[name] = (self._clock() + self._ttl, StoredImage(data, MEDIA_TYPES[fmt]))
-        self._bytes += len(data)
+        item = (self._clock() + self._ttl, StoredImage(data, MEDIA_TYPES[fmt]))
+        self._items[name] = item
+        self._bytes += _cost(name, item)
         self._evict()
         return name
 
@@ -81,11 +86,19 @@ class MemoryImageStore:
     def _evict(self) -> None:
         now = self._clock()
         while self._items:
-            name, (expires, image) = next(iter(self._items.items()))
-            if expires >= now and self._bytes <= self._max_bytes:
+            name, item = next(iter(self._items.items()))
+            if item[0] >= now and self._bytes <= self._max_bytes:
                 break
             del self._items[name]
-            self._bytes -= len(image.data)
+            self._bytes -= _cost(name, item)
+
+
+def _cost(name: str, item: tuple[float, StoredImage]) -> int:
+    """What one memory-store entry really holds: its bytes object, name, expiry, record
+    and slot, not just ``len(data)`` (a thousand tiny images cost far more than that)."""
+    expires, image = item
+    held = (image.data, name, expires, image, item)
+    return sum(map(sys.getsizeof, held)) + _ORDERED_DICT_ENTRY
 
 
 class DirectoryImageStore:
