@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.routing import Router as HTTPRouter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flux_proxy.breaker import BreakerBoard, Clock
 from flux_proxy.composition import build_stack
 from flux_proxy.config import ConfigError, Settings, describe_validation_error, load_settings
 from flux_proxy.disconnect import unless_disconnected
@@ -65,6 +66,7 @@ class FluxProxy:
         environ: Mapping[str, str] | None = None,
         plugins: Iterable[object] = (),
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         settings = _as_settings(config, environ)
         registry = load_registry(plugins)
@@ -73,7 +75,9 @@ class FluxProxy:
         providers = {name: factory(self.runtime) for name, factory in registry.providers.items()}
         self.router = Router(settings, providers)
         stack = build_stack(settings.middlewares, registry.middlewares, self.runtime)
-        self._generator = Generator(settings, stack)
+        # Upstream health, per gateway; ``clock`` lets tests move time (cool-downs).
+        self.breakers = BreakerBoard(settings.breaker, clock)
+        self._generator = Generator(settings, stack, self.breakers)
         self._app = app
         self._prefix = settings.server.api_prefix
         self._client_keys = [
@@ -331,12 +335,13 @@ class FluxProxyMiddleware:
         environ: Mapping[str, str] | None = None,
         plugins: Iterable[object] = (),
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.gateway: FluxProxy | None = None
         self._failure: Exception | None = None
         try:
             self.gateway = FluxProxy(
-                config, app=app, environ=environ, plugins=plugins, transport=transport
+                config, app=app, environ=environ, plugins=plugins, transport=transport, clock=clock
             )
         except (ConfigError, OSError) as error:  # OSError: e.g. store.directory cannot be made
             self._failure = error

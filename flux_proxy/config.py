@@ -108,6 +108,18 @@ class LimitSettings(_Section):
         return 2 * self.max_pixels
 
 
+class BreakerSettings(_Section):
+    """Each upstream's circuit breaker (see flux_proxy/breaker.py)."""
+
+    enabled: bool = True
+    # Retryable failures of one upstream in a row (a success resets the count) that open
+    # its circuit, when they all fall within window_seconds (older ones are forgotten).
+    failure_threshold: int = Field(5, ge=1)
+    window_seconds: float = Field(60.0, gt=0)
+    # How long an open circuit skips the upstream before one trial request probes it.
+    cooldown_seconds: float = Field(30.0, gt=0)
+
+
 class StoreSettings(_Section):
     backend: Literal["memory", "directory"] = "memory"
     directory: Path | None = None
@@ -232,6 +244,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     forward: ForwardSettings = Field(default_factory=ForwardSettings)

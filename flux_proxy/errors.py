@@ -139,6 +139,15 @@ class UpstreamTimeout(UpstreamError):
     default_code = "upstream_timeout"
 
 
+class UpstreamUnavailable(GatewayError):
+    """Every provider of the model is skipped by its circuit breaker: a fast answer, with
+    Retry-After, instead of calls expected to fail (see flux_proxy/breaker.py)."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "upstream_unavailable"
+
+
 class InternalError(GatewayError):
     status_code = 500
     default_code = "internal_error"

@@ -3,13 +3,16 @@
 The middleware stack runs once per provider attempt. When an attempt fails in a
 retryable way (the upstream is down, rate limited, or rejected the gateway's own
 key) and the model lists another provider, that one serves the request; the
-report says which provider answered and which failed before it.
+report says which provider answered and which failed before it. A provider whose
+circuit breaker is open is skipped without a call (flux_proxy/breaker.py), and the
+report says that too; when every one is skipped, the answer is a fast 503.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -21,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from flux_proxy import b64
+from flux_proxy.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from flux_proxy.config import Settings
 from flux_proxy.errors import (
     GatewayError,
@@ -29,6 +33,7 @@ from flux_proxy.errors import (
     UpstreamCredentialsMissing,
     UpstreamError,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE
 from flux_proxy.peek import sniff_format
@@ -56,9 +61,10 @@ SPEC_EVENT_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024"})
 
 
 class Generator:
-    def __init__(self, settings: Settings, stack: Stack) -> None:
+    def __init__(self, settings: Settings, stack: Stack, breakers: BreakerBoard) -> None:
         self._settings = settings
         self._stack = stack
+        self._breakers = breakers
 
     def check(self, request: ImageRequest, model: ModelRoute, public_url: str) -> None:
         """Reject bad input before a streaming response commits to 200."""
@@ -102,32 +108,50 @@ class Generator:
         progress: ProgressSink | None,
     ) -> ImageResult:
         failed: list[str] = []
+        skipped: list[CircuitBreaker] = []  # circuits open: not called at all
         unset_keys: list[str] = []  # key variables found unset on the way
+        last_error: GatewayError | None = None
         for attempt, target in enumerate(model.targets, start=1):
+            breaker = self._breakers.for_target(target)
+            ticket = breaker.acquire()
+            if ticket is None:
+                skipped.append(breaker)
+                continue
             job = self._job(request, target, public_url)
             if progress is not None:
                 job = replace(job, progress=progress)
             try:
                 result = await self._stack(job)
             except GatewayError as error:
+                if error.retryable and not isinstance(error, UpstreamCredentialsMissing):
+                    breaker.failed(ticket, error.code or str(error.status_code))
+                else:  # refused input, or never sent: nothing said of the upstream's health
+                    breaker.released(ticket)
                 if isinstance(error, UpstreamCredentialsMissing):
                     unset_keys.extend(error.variables)
-                if attempt == len(model.targets) or not error.retryable:
-                    if isinstance(error, UpstreamCredentialsMissing):
-                        # Not just the last provider's: the operator has to set them all.
-                        raise UpstreamCredentialsMissing(unset_keys) from None
+                if not error.retryable:
                     raise
-                logger.warning(
-                    "provider %s failed for %s (%s); trying the next one",
-                    target.provider.name,
-                    model.name,
-                    error.code or error.status_code,
-                )
+                if attempt < len(model.targets):
+                    logger.warning(
+                        "provider %s failed for %s (%s); trying the next one",
+                        target.provider.name,
+                        model.name,
+                        error.code or error.status_code,
+                    )
                 failed.append(f"{target.provider.name} ({error.code or error.status_code})")
+                # Kept for the end without its traceback, whose frames may hold a failed
+                # answer's bytes while the next provider works.
+                last_error = error.with_traceback(None)
                 continue
+            except BaseException:  # cancelled: the client left, or the deadline passed
+                breaker.released(ticket)
+                raise
+            breaker.succeeded(ticket)
             detail = f"served by provider {target.provider.name} as {target.upstream_model}"
             if failed:
                 detail += " after " + ", ".join(failed) + " failed"
+            if skipped:
+                detail += "; " + ", ".join(map(_skip_note, skipped))
             result.report.record("model", "converted", detail)
             result.report.fill(request.null_fields, "ignored", "null: the default applies")
             if "stream" in request.model_fields_set:
@@ -138,7 +162,12 @@ class Generator:
                 else:
                     result.report.record("stream", "passthrough", "one JSON response")
             return result
-        raise InternalError("The model has no providers.")  # pragma: no cover - config forbids
+        if isinstance(last_error, UpstreamCredentialsMissing):
+            # Not just the last provider's: the operator has to set them all.
+            raise UpstreamCredentialsMissing(unset_keys)
+        if last_error is not None:
+            raise last_error
+        raise _all_skipped(model, skipped)
 
     @staticmethod
     def _job(request: ImageRequest, target: Target, public_url: str) -> ImageJob:
@@ -152,6 +181,24 @@ class Generator:
             output_compression=request.output_compression,
             fields=request.extras,
         )
+
+
+def _skip_note(breaker: CircuitBreaker) -> str:
+    """How the report says a provider was skipped by its circuit breaker."""
+    name = breaker.upstream.provider
+    if breaker.state is BreakerState.OPEN:
+        return f"{name} skipped (circuit open, probed again in {math.ceil(breaker.retry_in())} s)"
+    return f"{name} skipped (circuit half-open, its trial request is running)"
+
+
+def _all_skipped(model: ModelRoute, skipped: list[CircuitBreaker]) -> UpstreamUnavailable:
+    wait = max(1, math.ceil(min(breaker.retry_in() for breaker in skipped)))
+    names = ", ".join(f"{b.upstream.provider} ({b.last_failure})" for b in skipped)
+    return UpstreamUnavailable(
+        f"Every provider of the model {model.name!r} is failing and skipped for now: {names}. "
+        f"Retry in {wait} s.",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 def render_json(

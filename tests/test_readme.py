@@ -78,3 +78,14 @@ def test_the_shipped_container_config_loads():
         "fal",
         "replicate",
     ]
+
+
+def test_the_reliability_limits_are_the_settings_defaults():
+    table = section("## Reliability").split("**Limits, with their defaults**", 1)[1]
+    rows = re.findall(r"^\| `([\w.]+)` \| ([\d.]+)", table, flags=re.MULTILINE)
+    defaults = load_settings(None, {})
+    assert len(rows) >= 14
+    for name, default in rows:
+        section_name, _, key = name.rpartition(".")
+        value = getattr(getattr(defaults, section_name or "limits"), key)
+        assert float(default) == value, name
