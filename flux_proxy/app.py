@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from aiohttp import ThreadedResolver
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
@@ -27,6 +28,7 @@ from starlette.routing import Route
 from starlette.routing import Router as HTTPRouter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flux_proxy.addresses import ResolverFactory
 from flux_proxy.breaker import BreakerBoard, Clock
 from flux_proxy.composition import build_stack
 from flux_proxy.config import ConfigError, Settings, describe_validation_error, load_settings
@@ -67,11 +69,14 @@ class FluxProxy:
         plugins: Iterable[object] = (),
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Clock = time.monotonic,
+        resolver: ResolverFactory = ThreadedResolver,
     ) -> None:
+        """``transport`` and ``resolver`` replace the HTTP client's wire and its DNS
+        (tests: an in-process upstream, a DNS double); ``clock`` the circuit breakers'."""
         settings = _as_settings(config, environ)
         registry = load_registry(plugins)
         self.settings = settings
-        self.runtime = Runtime(settings, environ, transport)
+        self.runtime = Runtime(settings, environ, transport, resolver)
         providers = {name: factory(self.runtime) for name, factory in registry.providers.items()}
         self.router = Router(settings, providers)
         stack = build_stack(settings.middlewares, registry.middlewares, self.runtime)

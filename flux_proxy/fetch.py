@@ -10,17 +10,15 @@ the gateway cannot be turned into a probe of the network it runs in.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
-import anyio
 import httpx
 
 from flux_proxy import b64
+from flux_proxy.addresses import AddressPolicy, PrivateAddress, ResolverFactory
 from flux_proxy.errors import UpstreamError, UpstreamTimeout
-from flux_proxy.hosts import origin
 from flux_proxy.imaging import check_pixels, probe
 from flux_proxy.peek import ImageBytes, is_complete, pixel_size, sniff_format
 from flux_proxy.schema import GeneratedImage
@@ -32,15 +30,15 @@ class ImageFetcher:
         self,
         http: Callable[[], httpx.AsyncClient],
         *,
-        trusted_origins: Iterable[str],
-        trusted_hosts: Iterable[str],
+        policy: AddressPolicy,
+        dns: ResolverFactory,
         max_bytes: int,
         max_pixels: int,
     ) -> None:
         self._http = http
         self._max_pixels = max_pixels
-        self._origins = {origin(url) for url in trusted_origins}
-        self._hosts = {host.lower() for host in trusted_hosts}
+        self._policy = policy
+        self._dns = dns
         self._max_bytes = max_bytes
 
     async def fetch(self, url: str) -> bytes:
@@ -120,34 +118,24 @@ class ImageFetcher:
                 "The upstream returned a URL with credentials in it (user:password@); "
                 "the gateway does not fetch such URLs."
             )
-        if host.lower() in self._hosts or origin(url) in self._origins:
+        if self._policy.trusts_url(url):
             return
+        # Checked here for a clear 502 before anything is sent; the connection checks
+        # again what its own lookup answers (flux_proxy/addresses.py), so a name that
+        # answers differently the second time gains nothing.
+        resolver = self._dns()
         try:
-            infos = await anyio.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            answers = await resolver.resolve(host, 0, socket.AF_UNSPEC)
+            self._policy.check(host, (answer["host"] for answer in answers))
+        except PrivateAddress:
+            raise UpstreamError(
+                "The upstream returned a URL on a private address; "
+                "the gateway does not fetch from there."
+            ) from None
         except OSError:
             raise UpstreamError("The upstream image host could not be resolved.") from None
-        for info in infos:
-            if not is_public(ipaddress.ip_address(info[4][0])):
-                raise UpstreamError(
-                    "The upstream returned a URL on a private address; "
-                    "the gateway does not fetch from there."
-                )
-
-
-# IPv6 forms that carry an IPv4 address: NAT64 (64:ff9b::/96) and the deprecated
-# IPv4-compatible ::/96. is_global judges the IPv6 wrapper, not the address inside.
-_EMBEDS_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
-
-
-def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether ``address`` is globally routable, judging any IPv4 address it wraps."""
-    if isinstance(address, ipaddress.IPv6Address):
-        inner = address.ipv4_mapped or address.sixtofour
-        if inner is None and any(address in network for network in _EMBEDS_IPV4):
-            inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if inner is not None:
-            return inner.is_global
-    return address.is_global
+        finally:
+            await resolver.close()
 
 
 def read_header(image: GeneratedImage, max_pixels: int) -> None:

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
+from aiohttp import ThreadedResolver
 
+from flux_proxy.addresses import AddressPolicy, CheckedResolver, ResolverFactory
 from flux_proxy.config import ConfigError, Settings
 from flux_proxy.errors import UpstreamCredentialsMissing
 from flux_proxy.fetch import ImageFetcher
@@ -36,20 +38,29 @@ class Runtime:
         settings: Settings,
         environ: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        resolver: ResolverFactory = ThreadedResolver,
     ) -> None:
+        """``resolver`` makes the DNS resolver every host name is looked up with."""
         self.settings = settings
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         limits = settings.limits
         self.images = ImageWorker(limits.image_workers)
+        origins = [t.base_url for t in settings.provider_configs() if t.base_url]
+        private = settings.fetch.allow_private_hosts
         self.fetcher = ImageFetcher(
             lambda: self.http,
-            trusted_origins=[t.base_url for t in settings.provider_configs() if t.base_url],
-            trusted_hosts=settings.fetch.allow_private_hosts,
+            policy=AddressPolicy(origins, private),
+            dns=resolver,
             max_bytes=limits.max_fetch_bytes,
             max_pixels=limits.max_upstream_pixels,
         )
+        # Every connection: the fetcher's hosts, and the forwarder's base_url (the
+        # operator's own, which may be private too).
+        forward = [settings.forward.base_url] if settings.forward.base_url else []
+        self._connect_policy = AddressPolicy([*origins, *forward], private)
+        self._resolver = resolver
         self.store: ImageStore = _make_store(settings)
         self.signer = UrlSigner(_signing_key(settings, self.environ), settings.store.ttl_seconds)
 
@@ -60,7 +71,12 @@ class Runtime:
             limits = self.settings.limits
             self._client = httpx.AsyncClient(
                 transport=self._transport
-                or AiohttpTransport(max_connections=200, ssl_context=httpx.create_ssl_context),
+                or AiohttpTransport(
+                    max_connections=200,
+                    ssl_context=httpx.create_ssl_context,
+                    # The address each connection goes to is the one checked.
+                    resolver=lambda: CheckedResolver(self._connect_policy, self._resolver()),
+                ),
                 # A gateway serves many clients: an upstream's Set-Cookie for one must
                 # never ride along on another's request, so the jar accepts nothing.
                 cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),

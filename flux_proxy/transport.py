@@ -17,6 +17,8 @@ import aiohttp
 import httpx
 import yarl
 
+from flux_proxy.addresses import ResolverFactory
+
 # Headers aiohttp adds when a request has none: httpx sets its own, and a forwarded
 # request carries only the client's.
 _NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -35,15 +37,29 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     """One aiohttp session, made on first use inside the running loop, closed with the
     client. Failures arrive as httpx's exceptions, so callers map them as before."""
 
-    def __init__(self, *, max_connections: int, ssl_context: Callable[[], ssl.SSLContext]) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        ssl_context: Callable[[], ssl.SSLContext],
+        resolver: ResolverFactory | None = None,
+    ) -> None:
+        """``resolver`` makes the resolver every connection's host name goes through
+        (inside the running loop; unset: aiohttp's default)."""
         self._limit = max_connections
         self._ssl_context = ssl_context
+        self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._limit,
+                ssl=self._ssl_context(),
+                resolver=self._resolver() if self._resolver is not None else None,
+            )
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl_context()),
+                connector=connector,
                 # A gateway serves many clients: no upstream's cookie is kept or replayed.
                 cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,  # httpx undoes content-encoding itself

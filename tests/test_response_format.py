@@ -186,7 +186,7 @@ def test_allow_private_hosts_lets_the_operator_trust_a_host(url_upstream, start_
 def test_private_addresses_in_any_disguise_are_not_public(address):
     import ipaddress
 
-    from flux_proxy.fetch import is_public
+    from flux_proxy.addresses import is_public
 
     assert not is_public(ipaddress.ip_address(address))
 
@@ -195,7 +195,7 @@ def test_private_addresses_in_any_disguise_are_not_public(address):
 def test_public_addresses_are_public(address):
     import ipaddress
 
-    from flux_proxy.fetch import is_public
+    from flux_proxy.addresses import is_public
 
     assert is_public(ipaddress.ip_address(address))
 
