@@ -3,12 +3,15 @@
 Each process gets a free loopback port, its own session (so stopping it stops its
 children too) and a log file that is shown when it fails to start. Peak memory is
 the kernel's high-water mark (``VmHWM``), reset before each scenario through
-``/proc/PID/clear_refs`` so every scenario reports its own peak.
+``/proc/PID/clear_refs`` so every scenario reports its own peak. CPU time is the
+kernel's count of user and system time (``/proc/PID/stat``), which other work on a
+shared machine barely moves, unlike wall-clock throughput.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
@@ -138,6 +141,19 @@ class Server:
                     if line.startswith("VmHWM:"):
                         total_kib += int(line.split()[1])
         return total_kib / 1024
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process and its children have used so far
+        (NaN where ``/proc`` cannot tell)."""
+        ticks, seen = 0, False
+        for pid in self._tree():
+            with suppress(OSError, IndexError, ValueError):
+                # After the command's closing parenthesis: utime and stime are the 12th
+                # and 13th fields (stat's 14th and 15th).
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+                seen = True
+        return ticks / os.sysconf("SC_CLK_TCK") if seen else math.nan
 
     def _tree(self) -> list[int]:
         pids, index = [self.pid], 0

@@ -3,8 +3,9 @@
     python -m tests.benchmarks.readme_table bench.json
 
 Prints the (a)/(b) table (req/s and p50 per target and concurrency, the ratios to the
-aiohttp forwarder at the middle level, peak memory at the highest) and the targets'
-table, as Markdown, so the README's figures are always laid out the same way.
+aiohttp forwarder and the server's CPU time per request at the middle level, peak
+memory at the highest) and the targets' table, as Markdown, so the README's figures
+are always laid out the same way.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def tables(report: dict[str, Any]) -> str:
     groups = list(dict.fromkeys(r["group"] for r in report["scenarios"]))
     url, b64 = groups[0], groups[1]  # (a) and (b), always first
     header = f"| req/s (p50 ms) | (a) url c={low} | c={mid} | c={high} | (b) b64 c={low} |"
-    header += f" c={mid} | c={high} | x aiohttp (a), (b) c={mid} | peak RSS (b) c={high} |"
-    lines = [header, "|---|" + "---:|" * 8]
+    header += f" c={mid} | c={high} | x aiohttp (a), (b) c={mid} | CPU ms/req (a), (b) c={mid} |"
+    header += f" peak RSS (b) c={high} |"
+    lines = [header, "|---|" + "---:|" * 9]
     for target, name in TARGETS.items():
         if not any(key[1] == target for key in rows):
             continue
@@ -49,9 +51,11 @@ def tables(report: dict[str, Any]) -> str:
         ratios = [rows.get((g, target, mid), {}).get("ratio_to_aiohttp") for g in (url, b64)]
         ratio = ", ".join("-" if r is None else f"{r:.3f}" for r in ratios)
         ratio = "-" if ratios == [None, None] else ratio
+        cpus = [rows.get((g, target, mid), {}).get("cpu_ms_per_request") for g in (url, b64)]
+        cpu = ", ".join("-" if c is None else f"{c:.2f}" for c in cpus)
         peak = rows.get((b64, target, high))
         memory = "-" if peak is None else f"{peak['peak_rss_mib']:.0f} MiB"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} | {memory} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} | {cpu} | {memory} |")
     lines += ["", "| issue 7 target | measured | |", "|---|---|---|"]
     for verdict in report["targets"]:
         lines.append(f"| {verdict['target']} | {verdict['measured']} | {MARKS[verdict['met']]} |")
