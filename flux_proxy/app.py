@@ -33,6 +33,7 @@ from flux_proxy.breaker import BreakerBoard, Clock
 from flux_proxy.composition import build_stack
 from flux_proxy.config import ConfigError, Settings, describe_validation_error, load_settings
 from flux_proxy.disconnect import unless_disconnected
+from flux_proxy.drain import Drain
 from flux_proxy.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -113,12 +114,16 @@ class FluxProxy:
             _GatewayRoute(f"{prefix}/images/files/{{name}}", self._file, ["GET"]),
         ]
         health_paths = settings.server.health_paths
-        if health_paths or (health_paths is None and app is None):
-            # Probes come every few seconds: their lines go to debug, not the info log.
-            routes += [
-                _GatewayRoute("/healthz", self.health.live, ["GET"], log_level=logging.DEBUG),
-                _GatewayRoute("/readyz", self.health.ready, ["GET"], log_level=logging.DEBUG),
-            ]
+        probes = {"/healthz": self.health.live, "/readyz": self.health.ready}
+        if not (health_paths or (health_paths is None and app is None)):
+            probes = {}
+        # Probes come every few seconds: their lines go to debug, not the info log.
+        routes += [
+            _GatewayRoute(path, probe, ["GET"], log_level=logging.DEBUG)
+            for path, probe in probes.items()
+        ]
+        # Begun by `flux-proxy serve` on SIGTERM (serving.py); probes keep their own answers.
+        self.drain = Drain(exempt_paths=probes, on_begin=self.health.stopping)
         # The HTTP edge (self.router maps model names to providers).
         self._http_router = HTTPRouter(
             routes,
@@ -134,9 +139,11 @@ class FluxProxy:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan" and self._app is not None:
+        if scope["type"] == "http":
+            await self.drain(self._http_router, scope, receive, send)
+        elif scope["type"] == "lifespan" and self._app is not None:
             await self._host_lifespan(scope, receive, send)
-        elif scope["type"] in ("http", "lifespan"):
+        elif scope["type"] == "lifespan":
             await self._http_router(scope, receive, send)
         else:  # websockets and the rest are never the gateway's
             await self._fallback(scope, receive, send)
@@ -290,12 +297,17 @@ class FluxProxy:
     @asynccontextmanager
     async def _lifespan(self, app: object) -> AsyncIterator[None]:
         """Standalone: the Router runs this around the server's lifespan."""
-        self.health.started()
+        self._started_serving()
         try:
             yield
         finally:
             self.health.stopping()
             await self.runtime.aclose()
+
+    def _started_serving(self) -> None:
+        # A host app whose lifespan runs again (a test client per test) serves again.
+        self.health.started()
+        self.drain.reset()
 
     async def _host_lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Mounted: the host's lifespan runs as it is (its startup, shutdown and state)."""
@@ -303,7 +315,7 @@ class FluxProxy:
         async def receive_from_server() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.health.started()
+                self._started_serving()
             elif message["type"] == "lifespan.shutdown":
                 self.health.stopping()
             return message

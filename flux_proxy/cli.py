@@ -104,13 +104,15 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as error:  # e.g. store.directory cannot be created
         print(f"flux-proxy: cannot start: {error}", file=sys.stderr)
         return 1
-    import uvicorn
+    from flux_proxy.serving import run
 
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     # No Server header of uvicorn's own: forwarded answers carry the upstream's.
-    uvicorn.run(
+    return run(
         app,
+        app.drain,
+        settings.server.shutdown_grace_seconds,
         host=host,
         port=port,
         log_level=args.log_level,
@@ -118,4 +120,3 @@ def serve(args: argparse.Namespace) -> int:
         forwarded_allow_ips=settings.server.forwarded_allow_ips,
         server_header=False,
     )
-    return 0

@@ -67,6 +67,10 @@ class ServerSettings(_Section):
     # networks, or "*" for any. Hosted-image links take their scheme from that header, so
     # a client must never be trusted here. Mounted, the host's server decides.
     forwarded_allow_ips: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    # After SIGTERM, how long `flux-proxy serve` lets requests in flight finish before it
+    # ends them (see flux_proxy/serving.py). Under Kubernetes' default 30 s termination
+    # grace period; a Deployment that allows longer requests sets both (deploy/kustomize).
+    shutdown_grace_seconds: float = Field(25.0, ge=0)
 
     @field_validator("api_prefix")
     @classmethod

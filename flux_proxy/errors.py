@@ -148,6 +148,21 @@ class UpstreamUnavailable(GatewayError):
     default_code = "upstream_unavailable"
 
 
+class ShuttingDown(GatewayError):
+    """A request that reached this replica after its shutdown began (see drain.py)."""
+
+    status_code = 503
+    default_code = "shutting_down"
+    # Long enough for the client's next try to reach another replica.
+    retry_after_seconds = 1
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This gateway is shutting down: send the request again, it will reach another replica.",
+            headers={"Retry-After": str(self.retry_after_seconds), "Connection": "close"},
+        )
+
+
 class InternalError(GatewayError):
     status_code = 500
     default_code = "internal_error"

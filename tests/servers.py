@@ -24,6 +24,8 @@ import uvicorn
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from flux_proxy.serving import stop_listening
+
 # How long a test server lets in-flight requests finish before it cancels them: long
 # enough for a response already being written, short next to a handler that sleeps.
 GRACE_SECONDS = 0.25
@@ -69,13 +71,7 @@ class _PromptServer(uvicorn.Server):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        for server in self.servers:
-            server.close()
-        for sock in sockets or []:
-            sock.close()
-        # Idle keep-alive connections close now; busy ones close after their response.
-        for connection in list(self.server_state.connections):
-            connection.shutdown()
+        stop_listening(self, sockets)
         state = self.server_state
         await settle(state.tasks, "test server stopping")
         for connection in list(state.connections):

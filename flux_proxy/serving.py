@@ -1,0 +1,118 @@
+"""uvicorn for ``flux-proxy serve``, with a shutdown that drains and is bounded.
+
+Stock uvicorn, told to stop, closes its listener and every idle keep-alive connection
+at once (a request already on its way over one meets a closed connection), then
+waits for every connection to close, with no limit by default: a client that sends its
+body slowly holds the process open forever. ``GracefulServer``, on SIGTERM or SIGINT:
+
+1. begins the gateway's drain (``flux_proxy.drain``): ``/readyz`` answers 503, a new
+   request gets 503 with ``Retry-After`` and ``Connection: close``, and every answer
+   closes its connection. The listener stays open meanwhile, so a request that comes
+   in this window (a load balancer slow to notice) is answered, not refused;
+2. waits until no request is in flight, for at most ``server.shutdown_grace_seconds``
+   (a second signal ends the wait at once);
+3. closes the listener (new connections are refused from here on) and the idle
+   connections;
+4. ends the requests still in flight, each as cleanly as its state allows, and gives
+   them ``ENDING_SECONDS`` to say so;
+5. closes every connection left (a client still sending its headers, say), then runs
+   the app's lifespan shutdown.
+
+So the process exits about grace + 2 x ``ENDING_SECONDS`` after the signal at the
+latest. Like uvicorn, it then re-raises the signal: the exit status is "killed by
+SIGTERM" (143 in a shell), which process managers read as a clean stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from contextlib import suppress
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from flux_proxy.drain import Drain
+
+logger = logging.getLogger("flux_proxy")
+
+# What a straggler is given to send its last words, and a handler to see its
+# connection closed: a few writes each, so one second is plenty.
+ENDING_SECONDS = 1.0
+# uvicorn's status when the server could not start (a port in use, say).
+STARTUP_FAILURE = 3
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn with the shutdown described in the module docstring."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, grace_seconds: float) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._grace = grace_seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._hurry = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        again = self.should_exit
+        super().handle_exit(sig, frame)
+        if again and self._loop is not None:
+            # Signal handlers run between two steps of the loop: wake it properly.
+            self._loop.call_soon_threadsafe(self._hurry.set)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        logger.info(
+            "shutting down: not ready; %d request(s) in flight get up to %g s to finish",
+            len(self._drain),
+            self._grace,
+        )
+        self._drain.begin()
+        finished = await self._drained()
+        stop_listening(self, sockets)
+        if not finished:
+            ended = self._drain.end_stragglers()
+            logger.warning("shutdown: grace period over, ending %d request(s)", ended)
+            await self._drain.idle(ENDING_SECONDS)
+        for connection in list(self.server_state.connections):
+            connection.transport.close()
+        if not await self._drain.idle(ENDING_SECONDS):
+            # A handler that ignores its ending: uvicorn's own cancel, as a last resort.
+            for task in self.server_state.tasks:
+                task.cancel("the shutdown is over")
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    async def _drained(self) -> bool:
+        """Wait for the requests in flight, at most the grace period or until a second signal."""
+        waits = [
+            asyncio.ensure_future(self._drain.idle(self._grace)),
+            asyncio.ensure_future(self._hurry.wait()),
+        ]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        return len(self._drain) == 0
+
+
+def stop_listening(server: uvicorn.Server, sockets: list[socket.socket] | None) -> None:
+    """Refuse new connections and close the idle ones; busy ones close after their answer."""
+    for listener in server.servers:
+        listener.close()
+    for sock in sockets or []:
+        sock.close()
+    for connection in list(server.server_state.connections):
+        connection.shutdown()
+
+
+def run(app: Any, drain: Drain, grace_seconds: float, **options: Any) -> int:
+    """Serve ``app`` until a signal stops it (``options`` as ``uvicorn.Config``'s); the status."""
+    server = GracefulServer(uvicorn.Config(app, **options), drain, grace_seconds)
+    with suppress(KeyboardInterrupt):  # a second Ctrl-C while the loop winds down
+        server.run()
+    return 0 if server.started else STARTUP_FAILURE

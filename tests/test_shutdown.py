@@ -1,0 +1,231 @@
+"""SIGTERM to a real ``flux-proxy serve``: not ready at once, in-flight work finishes within
+the grace period, new requests get 503 + Retry-After, stragglers end cleanly, and the
+process exits in bounded time, whatever its clients do (a slow body included).
+
+Each test runs one gateway process with every kind of client at once, against an
+upstream that holds each generation until the test lets it go: what is "in flight" is
+known from the upstream's side, never guessed from a sleep.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tests import test_cli
+from tests.images import assert_image, make_image
+from tests.openapi import assert_openai_error
+from tests.servers import ServeUpstream
+from tests.sse import read_events
+from tests.test_cli import Server, free_port
+from tests.waiting import wait_for
+
+spawn = test_cli.spawn  # the fixture that starts `flux-proxy` processes and stops them
+BODY = {"model": "held", "prompt": "a lighthouse", "size": "64x48"}
+# Generous bounds only: they hold on a machine of any speed, and fail only on a hang.
+EXIT_MARGIN_SECONDS = 10.0
+
+
+class HeldUpstream:
+    """An OpenAI Images upstream that answers each generation only once released."""
+
+    def __init__(self) -> None:
+        self.arrived = 0
+        self.released = threading.Event()
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/images/generations", self._generate, methods=["POST"])])
+
+    async def _generate(self, request: Request) -> Response:
+        body = await request.json()
+        self.arrived += 1
+        await anyio.to_thread.run_sync(self.released.wait)
+        width, height = (int(side) for side in body["size"].split("x"))
+        encoded = base64.b64encode(make_image("png", (width, height))).decode()
+        return JSONResponse({"created": 1, "data": [{"b64_json": encoded}]})
+
+
+@pytest.fixture
+def held(serve_upstream: ServeUpstream) -> Iterator[tuple[HeldUpstream, str]]:
+    upstream = HeldUpstream()
+    yield upstream, serve_upstream(upstream.app())
+    upstream.released.set()  # nothing of this test's keeps the pooled server busy
+
+
+def start(
+    spawn: Callable[..., Server], tmp_path: Path, upstream_url: str, grace: float
+) -> tuple[Server, str]:
+    port = free_port()
+    config = {
+        "server": {"port": port, "shutdown_grace_seconds": grace},
+        "defaults": {"response_format": "b64_json"},
+        "models": {"held": {"provider": "openai", "base_url": f"{upstream_url}/v1"}},
+    }
+    path = tmp_path / "flux-proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    server = spawn("serve", "--config", str(path))
+    base_url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert server.process.poll() is None, server.output()
+        try:
+            return httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    assert wait_for(ready, 15), server.output()
+    return server, base_url
+
+
+def post(base_url: str) -> httpx.Response:
+    return httpx.post(f"{base_url}/v1/images/generations", json=BODY, timeout=60)
+
+
+def stream(base_url: str) -> tuple[httpx.Response, list[dict[str, Any]]]:
+    body = {**BODY, "stream": True}
+    with httpx.stream("POST", f"{base_url}/v1/images/generations", json=body, timeout=60) as answer:
+        return answer, read_events(answer)
+
+
+def terminate(server: Server) -> float:
+    server.process.send_signal(signal.SIGTERM)
+    return time.monotonic()
+
+
+def assert_exits_cleanly(server: Server, signalled: float, grace: float) -> str:
+    """The process stops by the bound, as uvicorn does after a signal, with nothing alarming
+    in its log; the log."""
+    status = server.process.wait(timeout=grace + EXIT_MARGIN_SECONDS)
+    assert time.monotonic() - signalled < grace + EXIT_MARGIN_SECONDS
+    log = server.output()
+    # uvicorn re-raises the signal once it has shut down: killed by SIGTERM, cleanly.
+    assert status == -signal.SIGTERM, log
+    assert "Application shutdown complete" in log
+    assert "Traceback" not in log and "ERROR" not in log, log
+    return log
+
+
+def assert_shutting_down(answer: httpx.Response) -> None:
+    error = assert_openai_error(answer, 503)
+    assert error["code"] == "shutting_down"
+    assert answer.headers["retry-after"] == "1"
+    assert answer.headers["connection"] == "close"
+
+
+def test_in_flight_work_finishes_and_new_requests_get_503(spawn, tmp_path, held):
+    upstream, upstream_url = held
+    grace = 60.0  # never reached: the test lets the upstream answer well before
+    server, base_url = start(spawn, tmp_path, upstream_url, grace)
+    with ThreadPoolExecutor(2) as pool:
+        answer: Future[httpx.Response] = pool.submit(post, base_url)
+        streamed = pool.submit(stream, base_url)
+        assert wait_for(lambda: upstream.arrived == 2, 15)
+        # A keep-alive connection, idle when the signal comes (opened just before it:
+        # uvicorn closes one idle for 5 s whatever happens).
+        idle = http.client.HTTPConnection("127.0.0.1", int(base_url.rsplit(":", 1)[1]), timeout=30)
+        idle.request("GET", "/healthz")
+        assert idle.getresponse().read() == b'{"status":"ok"}'
+        signalled = terminate(server)
+
+        def not_ready() -> bool:
+            return httpx.get(f"{base_url}/readyz", timeout=5).status_code == 503
+
+        assert wait_for(not_ready, 15)
+        # The idle keep-alive connection was kept open: a request on it is answered 503.
+        sock = idle.sock
+        idle.request("POST", "/v1/images/generations", json.dumps(BODY).encode())
+        assert idle.sock is sock
+        late = idle.getresponse()
+        assert (late.status, late.getheader("Retry-After")) == (503, "1")
+        assert json.loads(late.read())["error"]["code"] == "shutting_down"
+        readiness = httpx.get(f"{base_url}/readyz", timeout=5).json()
+        assert readiness["checks"]["lifecycle"] == "shutting down"
+        assert httpx.get(f"{base_url}/healthz", timeout=5).status_code == 200  # still alive
+        # A new connection in the drain window: answered, not refused.
+        assert_shutting_down(post(base_url))
+
+        upstream.released.set()
+        finished = answer.result(timeout=30)
+        response, events = streamed.result(timeout=30)
+    assert finished.status_code == 200, finished.text
+    assert finished.headers["connection"] == "close"  # the client comes back on a new one
+    assert_image(base64.b64decode(finished.json()["data"][0]["b64_json"]), "png", (64, 48))
+    assert response.status_code == 200
+    assert [event["type"] for event in events] == [
+        "image_generation.completed",
+        "flux_proxy.report",
+    ]
+    log = assert_exits_cleanly(server, signalled, grace)
+    assert "2 request(s) in flight" in log
+    assert "grace period over" not in log
+
+
+def slow_body(base_url: str) -> socket.socket:
+    """A client that sends its headers and a little of its body, then nothing more; it
+    returns once the gateway is reading that body (uvicorn's 100 Continue says so)."""
+    port = int(base_url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: gateway\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    assert sock.recv(1024).startswith(b"HTTP/1.1 100 ")
+    sock.sendall(b'{"model": "held", ')
+    return sock
+
+
+def read_to_close(sock: socket.socket) -> bytes:
+    """Everything the gateway sends until it closes the connection (a reset counts as one)."""
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def test_stragglers_are_ended_cleanly_when_the_grace_period_is_over(spawn, tmp_path, held):
+    upstream, upstream_url = held
+    grace = 0.5
+    server, base_url = start(spawn, tmp_path, upstream_url, grace)
+    with ThreadPoolExecutor(2) as pool:
+        answer = pool.submit(post, base_url)
+        streamed = pool.submit(stream, base_url)
+        trickle = slow_body(base_url)
+        assert wait_for(lambda: upstream.arrived == 2, 15)
+        signalled = terminate(server)
+        # The upstream never answers: each request ends with the shutdown.
+        cut = read_to_close(trickle)
+        finished = answer.result(timeout=grace + EXIT_MARGIN_SECONDS)
+        response, events = streamed.result(timeout=grace + EXIT_MARGIN_SECONDS)
+    trickle.close()
+    # No answer had started: a well-formed 503 the client may retry elsewhere.
+    assert_shutting_down(finished)
+    # The stream had started: it ends with an error event, then a proper end of stream.
+    assert response.status_code == 200
+    assert events[-1]["error"]["code"] == "shutting_down"
+    # The slow body holds nothing open: a 503, or the connection closed, and no more.
+    assert cut == b"" or cut.startswith(b"HTTP/1.1 503 "), cut
+    log = assert_exits_cleanly(server, signalled, grace)
+    assert "3 request(s) in flight" in log
+    assert "grace period over, ending 3 request(s)" in log
