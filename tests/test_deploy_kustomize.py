@@ -23,6 +23,7 @@ import yaml
 
 from flux_proxy import FluxProxy
 from flux_proxy.config import Settings, load_settings
+from flux_proxy.serving import ENDING_SECONDS
 from tests.containerfile import parse
 
 ROOT = Path(__file__).parents[1]
@@ -208,7 +209,7 @@ def test_the_config_and_keys_reach_the_container(rendered, tmp_path):
     assert [m["mountPath"] for m in writable] == ["/tmp"]
 
 
-def test_shutdown_outlasts_the_slowest_request(rendered, tmp_path):
+def test_the_kubelet_outwaits_the_gateways_own_shutdown(rendered, tmp_path):
     _, objects = rendered
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     container = gateway_container(one(objects, "Deployment"))
@@ -216,8 +217,12 @@ def test_shutdown_outlasts_the_slowest_request(rendered, tmp_path):
     assert command[0] == "sleep"
     pause = int(command[1])
     assert pause > 0
-    request_timeout = settings_of(objects, tmp_path).limits.request_timeout
-    assert pod["terminationGracePeriodSeconds"] > pause + request_timeout
+    settings = settings_of(objects, tmp_path)
+    grace = settings.server.shutdown_grace_seconds
+    # No request within its time limit is ended by the shutdown...
+    assert grace >= settings.limits.request_timeout
+    # ...and the kubelet waits for the gateway to end the rest before it kills it.
+    assert pod["terminationGracePeriodSeconds"] > pause + grace + 2 * ENDING_SECONDS
 
 
 def test_the_autoscaler_and_the_budget_cover_the_deployment(rendered):
