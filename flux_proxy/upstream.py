@@ -30,6 +30,7 @@ from flux_proxy.errors import (
     redact,
 )
 from flux_proxy.hosts import KeyHosts
+from flux_proxy.json_blobs import loads_keeping
 from flux_proxy.native_body import public_param
 
 if TYPE_CHECKING:
@@ -146,11 +147,17 @@ def _openai_field(response: httpx.Response, name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def upstream_json(response: httpx.Response, *, provider: str, what: str) -> Any:
+def upstream_json(
+    response: httpx.Response, *, provider: str, what: str, keep_bytes: str | None = None
+) -> Any:
     """The answer's JSON, or a 502 saying the upstream sent something else.
 
-    Parsed by orjson, straight from the bytes: answers carry megabytes of base64."""
+    Parsed by orjson, straight from the bytes: answers carry megabytes of base64. With
+    ``keep_bytes``, that member's escape-free string values stay the answer's bytes,
+    never parsed into a str (see flux_proxy/json_blobs.py)."""
     try:
+        if keep_bytes is not None:
+            return loads_keeping(response.content, keep_bytes)
         return orjson.loads(response.content)
     except (ValueError, UnicodeDecodeError):
         raise UpstreamError(
@@ -294,8 +301,8 @@ class Upstream:
                 max_bytes=max_bytes if max_bytes is not None else self.max_bytes,
             )
 
-    def json(self, response: httpx.Response, what: str) -> Any:
-        return upstream_json(response, provider=self.provider, what=what)
+    def json(self, response: httpx.Response, what: str, *, keep_bytes: str | None = None) -> Any:
+        return upstream_json(response, provider=self.provider, what=what, keep_bytes=keep_bytes)
 
     def json_object(self, response: httpx.Response, what: str) -> dict[str, Any]:
         payload = self.json(response, what)

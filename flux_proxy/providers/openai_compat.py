@@ -57,7 +57,9 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
         response = await upstream.request("POST", url, json=self._body(job, entry.options))
         if response.status_code != 200:
             raise upstream.error(response)
-        return await self._images(upstream.json(response, "request"), job)
+        # The images' base64 stays the answer's bytes: passed on as it is, never a str.
+        payload = upstream.json(response, "request", keep_bytes="b64_json")
+        return await self._images(payload, job)
 
     def _body(self, job: ImageJob, options: OpenAIOptions) -> dict[str, Any]:
         route = job.target
@@ -91,14 +93,12 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
                 raise UpstreamError("The openai upstream answered with a malformed image entry.")
             revised = item.get("revised_prompt")
             seed = None if job.seed is None or not sent_seed else job.seed + index
-            if isinstance(item.get("b64_json"), str):
+            text = item.get("b64_json")
+            if isinstance(text, bytes | str):
                 # Kept as the upstream's text: passed on as it is unless a layer needs
-                # the bytes (fetcher.ensure_data decodes it then).
-                try:
-                    text = item["b64_json"].encode("ascii")
-                except UnicodeEncodeError:
-                    raise InvalidBase64() from None
-                images.append(GeneratedImage(b64=text, seed=seed, revised_prompt=revised))
+                # the bytes (fetcher.ensure_data decodes it then). A str is a value the
+                # upstream wrote with escapes (such as \/), read by the JSON parser.
+                images.append(GeneratedImage(b64=_ascii(text), seed=seed, revised_prompt=revised))
             elif isinstance(item.get("url"), str):
                 # A data: URI (some compatible hosts inline the image) is kept as text too.
                 image = await self.image_at(item["url"], seed)
@@ -107,6 +107,15 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
             else:
                 raise UpstreamError("The openai upstream sent an image with neither url nor data.")
         return images
+
+
+def _ascii(text: bytes | str) -> bytes:
+    if isinstance(text, bytes):
+        return text  # checked as base64 where it is used, like any upstream's
+    try:
+        return text.encode("ascii")
+    except UnicodeEncodeError:
+        raise InvalidBase64() from None
 
 
 @hookimpl

@@ -1,0 +1,75 @@
+"""Large string values kept as bytes: the same answer as parsing it all, or the same error."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import orjson
+import pytest
+
+from flux_proxy.json_blobs import loads_keeping
+
+TEXT = base64.b64encode(bytes(range(256)) * 40).decode()
+
+
+def as_parsed(value: Any) -> Any:
+    """What a plain parse gives: bytes read back as the text they are."""
+    return orjson.loads(orjson.dumps(value, default=lambda text: text.decode("ascii")))
+
+
+BODIES = {
+    "two images": json.dumps({"created": 1, "data": [{"b64_json": TEXT}, {"b64_json": "QUJD"}]}),
+    "whitespace around the colon": '{"data": [ {"b64_json" :\n "' + TEXT + '" } ]}',
+    "an escaped slash": '{"data": [{"b64_json": "ab\\/cd"}]}',
+    "the name inside another string": json.dumps({"revised_prompt": 'say "b64_json": "x"'}),
+    "an escaped backslash before the name": json.dumps({"a\\": 1, "b64_json": TEXT}),
+    "a value that is no string": '{"b64_json": null, "data": [{"b64_json": 3}]}',
+    "the name as a value": json.dumps({"url": "b64_json", "b64_json": TEXT}),
+    "the stand-in's own text": json.dumps({"b64_json": "\x00blob:0", "x": TEXT}),
+    "a name seen twice": '{"b64_json": "QUJD", "b64_json": "' + TEXT + '"}',
+    "nesting": "[" * 200 + '{"b64_json": "QUJD"}' + "]" * 200,
+    "a top-level list": json.dumps([{"b64_json": TEXT}]),
+}
+
+
+@pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
+def test_the_answer_is_what_a_plain_parse_gives(body: str) -> None:
+    raw = body.encode()
+    kept = loads_keeping(raw, "b64_json")
+    assert as_parsed(kept) == orjson.loads(raw)
+
+
+def test_escape_free_values_of_the_member_are_bytes_and_others_are_not() -> None:
+    body = json.dumps(
+        {"data": [{"b64_json": TEXT, "revised_prompt": TEXT}, {"b64_json": "ab/cd"}]}
+    ).replace("ab/cd", "ab\\/cd")
+    first, second = loads_keeping(body.encode(), "b64_json")["data"]
+    assert first == {"b64_json": TEXT.encode(), "revised_prompt": TEXT}
+    assert second == {"b64_json": "ab/cd"}  # the escape is the parser's to read
+
+
+def test_a_value_nested_as_deep_as_the_parser_allows_is_found() -> None:
+    depth = 1000  # orjson's limit is 1024; Python's recursion limit about as much
+    node = loads_keeping(("[" * depth + '{"b64_json": "QUJD"}' + "]" * depth).encode(), "b64_json")
+    for _ in range(depth):
+        (node,) = node
+    assert node == {"b64_json": b"QUJD"}
+
+
+BROKEN = [
+    '{"b64_json": "' + TEXT,  # cut short in the value
+    '{"b64_json": "QUJD"',  # cut short after it
+    '{"x": "a"b64_json": "QUJD"}',  # the name's first quote closes a string
+    '{"b64_json" "QUJD"}',  # no colon
+    '{"b64_json": "QUJD"} trailing',
+]
+
+
+@pytest.mark.parametrize("body", BROKEN)
+def test_what_is_not_json_is_refused_as_a_plain_parse_refuses_it(body: str) -> None:
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(body.encode())
+    with pytest.raises(ValueError):
+        loads_keeping(body.encode(), "b64_json")
