@@ -19,7 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.benchmarks.bench_gateway import QUICK, Ask, BenchmarkError, Scenario, check_answer
+from flux_proxy.imaging import decode, encode
+from tests.benchmarks.bench_gateway import (
+    QUICK,
+    Ask,
+    BenchmarkError,
+    Scenario,
+    check_answer,
+    raw_pillow_encode,
+)
 from tests.benchmarks.load import H2Load, Load
 from tests.benchmarks.readme_table import TARGETS, tables
 from tests.benchmarks.servers import bench_png
@@ -79,6 +87,14 @@ async def test_a_wrong_answer_fails_the_run() -> None:
         webp = Scenario("(d)", Ask("b64_json", 64, "b64", output_format="webp"), "x", 1, None)
         with pytest.raises(BenchmarkError, match="expected"):
             await check_answer(client, webp, _answer([png]), {64: png})
+
+
+@pytest.mark.parametrize("fmt", ["webp", "avif"])
+def test_the_raw_encode_baseline_is_the_work_the_gateway_does(fmt: str) -> None:
+    """(d) compares the gateway with Pillow alone: a fair baseline makes the same file
+    from the same PNG (same parameters), neither tuned down nor doing less."""
+    png = bench_png(64)
+    assert raw_pillow_encode(png, fmt) == encode(decode(png), fmt, None)
 
 
 @pytest.mark.parametrize(
