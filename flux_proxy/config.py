@@ -38,6 +38,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from flux_proxy.sigv4 import MAX_PRESIGN_SECONDS
+
 ENV_PREFIX = "FLUX_PROXY_"
 NESTED_DELIMITER = "__"
 
@@ -50,6 +52,19 @@ class ConfigError(Exception):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _http_base_url(value: str | None) -> str | None:
+    """An http(s) URL with a host and no query or fragment, less its trailing slash;
+    blank means unset."""
+    if value is None or not value.strip():
+        return None
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query string or fragment")
+    return value.strip().rstrip("/")
 
 
 class ServerSettings(_Section):
@@ -124,9 +139,51 @@ class BreakerSettings(_Section):
     cooldown_seconds: float = Field(30.0, gt=0)
 
 
+class S3Settings(_Section):
+    """An S3-compatible bucket (AWS S3, MinIO, R2, ...) that every replica shares.
+    Credentials come from the standard AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    (optional) AWS_SESSION_TOKEN variables, never from here."""
+
+    bucket: str | None = None
+    # Objects are named "{prefix}{random}.{ext}": give the lifecycle rule the same prefix.
+    prefix: str = "flux-proxy/"
+    # Unset: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS's endpoint for the region.
+    endpoint_url: str | None = None
+    # Unset: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1.
+    region: str | None = None
+    # Unset: path-style (endpoint/bucket/key) with an endpoint_url, virtual-hosted on AWS.
+    path_style: bool | None = None
+    # "gateway": links to the gateway's signed /images/files/ URLs, served from the bucket
+    # by any replica; "presigned": S3's own presigned URLs, fetched from the bucket directly
+    # (the endpoint must then be one clients can reach).
+    links: Literal["gateway", "presigned"] = "gateway"
+    # One call to the bucket, connect to last byte.
+    timeout_seconds: float = Field(10.0, gt=0)
+    # /readyz asks the bucket at most this often; answers in between are remembered.
+    check_seconds: float = Field(2.0, ge=0)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_shape(cls, value: str | None) -> str | None:
+        url = _http_base_url(value)
+        if url is not None and "@" in urlsplit(url).netloc:
+            raise ValueError("must not hold credentials: they come from the AWS_* variables")
+        return url
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_shape(cls, value: str) -> str:
+        value = value.strip("/")
+        if value and any(part in ("", ".", "..") for part in value.split("/")):
+            raise ValueError("must be path segments such as 'flux-proxy/images/'")
+        return f"{value}/" if value else ""
+
+
 class StoreSettings(_Section):
-    backend: Literal["memory", "directory"] = "memory"
+    backend: Literal["memory", "directory", "s3"] = "memory"
     directory: Path | None = None
+    s3: S3Settings = Field(default_factory=S3Settings)
+    # How long a hosted image is served: signed and presigned links expire with it.
     ttl_seconds: int = Field(3600, ge=1)
     # Memory backend: oldest images are evicted past this many bytes.
     max_bytes: int = Field(512 * 1024 * 1024, ge=1)
@@ -137,6 +194,17 @@ class StoreSettings(_Section):
     # With return_upstream_urls: download such an image first, to check its format,
     # size and completeness. Off: the URL is passed on unchecked (the report says so).
     verify_upstream_urls: bool = False
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> StoreSettings:
+        if self.backend == "s3" and not self.s3.bucket:
+            raise ValueError("s3.bucket is required when backend is 's3'")
+        presigned = self.backend == "s3" and self.s3.links == "presigned"
+        if presigned and self.ttl_seconds > MAX_PRESIGN_SECONDS:
+            raise ValueError(
+                f"ttl_seconds: presigned links live at most {MAX_PRESIGN_SECONDS} s (7 days)"
+            )
+        return self
 
 
 class FetchSettings(_Section):
@@ -159,15 +227,8 @@ class ForwardSettings(_Section):
     @field_validator("base_url")
     @classmethod
     def _base_url_shape(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        parts = urlsplit(value.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment:
-            # The client's own query string is what gets forwarded; one here would be lost.
-            raise ValueError("must not have a query string or fragment")
-        return value.strip().rstrip("/")
+        # No query: the client's own query string is what gets forwarded.
+        return _http_base_url(value)
 
 
 class DefaultSettings(_Section):

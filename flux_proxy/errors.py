@@ -163,6 +163,19 @@ class ShuttingDown(GatewayError):
         )
 
 
+class StoreUnavailable(GatewayError):
+    """The image store cannot keep or give back images now (its bucket is unreachable,
+    say). Only ``url`` answers need it: ``b64_json`` ones are still served."""
+
+    status_code = 503
+    default_code = "image_store_unavailable"
+    # A bucket that went away is rarely back within a second; a probe period is fair.
+    retry_after_seconds = 5
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": str(self.retry_after_seconds)})
+
+
 class InternalError(GatewayError):
     status_code = 500
     default_code = "internal_error"

@@ -19,7 +19,9 @@ from flux_proxy.config import ConfigError, Settings
 from flux_proxy.errors import UpstreamCredentialsMissing
 from flux_proxy.fetch import ImageFetcher
 from flux_proxy.imaging import ImageWorker
+from flux_proxy.s3_store import BucketAddress, S3ImageStore
 from flux_proxy.signing import UrlSigner
+from flux_proxy.sigv4 import AwsCredentials, SigV4Signer
 from flux_proxy.store import DirectoryImageStore, ImageStore, MemoryImageStore
 from flux_proxy.transport import NO_URL_CREDENTIALS, AiohttpTransport
 
@@ -56,12 +58,13 @@ class Runtime:
             max_bytes=limits.max_fetch_bytes,
             max_pixels=limits.max_upstream_pixels,
         )
-        # Every connection: the fetcher's hosts, and the forwarder's base_url (the
-        # operator's own, which may be private too).
+        self.store: ImageStore = self._make_store()
+        # Every connection: the fetcher's hosts, the forwarder's base_url and the image
+        # bucket's endpoint (the operator's own, which may be private too).
         forward = [settings.forward.base_url] if settings.forward.base_url else []
-        self._connect_policy = AddressPolicy([*origins, *forward], private)
+        bucket = [self.store.bucket_url] if isinstance(self.store, S3ImageStore) else []
+        self._connect_policy = AddressPolicy([*origins, *forward, *bucket], private)
         self._resolver = resolver
-        self.store: ImageStore = _make_store(settings)
         self.signer = UrlSigner(_signing_key(settings, self.environ), settings.store.ttl_seconds)
 
     @property
@@ -105,14 +108,47 @@ class Runtime:
         if self._client is not None:
             await self._client.aclose()
 
+    def _make_store(self) -> ImageStore:
+        store = self.settings.store
+        if store.backend == "s3":
+            return self._s3_store()
+        if store.backend == "directory":
+            if store.directory is None:
+                raise ConfigError("store.directory: required when store.backend is 'directory'")
+            return DirectoryImageStore(store.directory, ttl_seconds=store.ttl_seconds)
+        return MemoryImageStore(ttl_seconds=store.ttl_seconds, max_bytes=store.max_bytes)
 
-def _make_store(settings: Settings) -> ImageStore:
-    store = settings.store
-    if store.backend == "directory":
-        if store.directory is None:
-            raise ConfigError("store.directory: required when store.backend is 'directory'")
-        return DirectoryImageStore(store.directory, ttl_seconds=store.ttl_seconds)
-    return MemoryImageStore(ttl_seconds=store.ttl_seconds, max_bytes=store.max_bytes)
+    def _s3_store(self) -> S3ImageStore:
+        """The bucket, as the config names it and the standard AWS_* variables fill in."""
+        s3, environ = self.settings.store.s3, self.environ
+        assert s3.bucket is not None  # StoreSettings checked it
+        credentials = AwsCredentials.from_environ(environ)
+        if credentials is None:
+            raise ConfigError(
+                "store.backend 's3': set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(and AWS_SESSION_TOKEN for temporary credentials) in the environment"
+            )
+        region = (
+            s3.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+        ) or "us-east-1"
+        endpoint = s3.endpoint_url or (
+            environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or ""
+        ).rstrip("/")
+        custom = bool(endpoint)
+        return S3ImageStore(
+            lambda: self.http,
+            BucketAddress(
+                endpoint_url=endpoint or f"https://s3.{region}.amazonaws.com",
+                bucket=s3.bucket,
+                path_style=custom if s3.path_style is None else s3.path_style,
+            ),
+            SigV4Signer(credentials, region),
+            prefix=s3.prefix,
+            ttl_seconds=self.settings.store.ttl_seconds,
+            timeout_seconds=s3.timeout_seconds,
+            presigned_links=s3.links == "presigned",
+            check_seconds=s3.check_seconds,
+        )
 
 
 def _signing_key(settings: Settings, environ: Mapping[str, str]) -> bytes:

@@ -1,8 +1,10 @@
 """ImageStore: where images served at the gateway's own URLs are kept.
 
 ``put`` returns a name; the gateway links to ``{api}/images/files/{name}`` with a
-signature (see ``signing.py``). Names are random, so they cannot be guessed, and
-every backend forgets images once they have expired.
+signature (see ``signing.py``), unless the store has a direct link of its own (an S3
+store's presigned URL). Names are random, so they cannot be guessed, and every backend
+forgets images once they have expired. The backend is chosen by config
+(``store.backend``): memory and directory here, S3 in ``s3_store.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import anyio
 from flux_proxy.imaging import EXTENSIONS, MEDIA_TYPES
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpg|gif|webp|avif)$")
-_MEDIA_TYPE_OF_EXTENSION = {ext: MEDIA_TYPES[fmt] for fmt, ext in EXTENSIONS.items()}
+MEDIA_TYPE_OF_EXTENSION = {ext: MEDIA_TYPES[fmt] for fmt, ext in EXTENSIONS.items()}
 # What an OrderedDict spends on one key beyond the objects it holds (its hash-table
 # slot and entry, its linked-list node, room to grow), rounded up: ~65-100 measured.
 _ORDERED_DICT_ENTRY = 128
@@ -39,6 +41,10 @@ class ImageStore(Protocol):
     async def put(self, data: bytes, fmt: str) -> str: ...
 
     async def get(self, name: str) -> StoredImage | None: ...
+
+    def direct_url(self, name: str) -> str | None:
+        """A link that fetches ``name`` without the gateway, or None: link to the gateway."""
+        ...
 
     async def problem(self) -> str | None:
         """Why the store cannot keep images now, or None. Readiness probes call this
@@ -79,6 +85,9 @@ class MemoryImageStore:
         if item is None or item[0] < self._clock():
             return None
         return item[1]
+
+    def direct_url(self, name: str) -> str | None:
+        return None
 
     async def problem(self) -> str | None:
         return None  # process memory is there as long as the process is
@@ -137,7 +146,10 @@ class DirectoryImageStore:
             data = await path.read_bytes()
         except FileNotFoundError:
             return None
-        return StoredImage(data, _MEDIA_TYPE_OF_EXTENSION[name.rsplit(".", 1)[1]])
+        return StoredImage(data, MEDIA_TYPE_OF_EXTENSION[name.rsplit(".", 1)[1]])
+
+    def direct_url(self, name: str) -> str | None:
+        return None
 
     async def problem(self) -> str | None:
         return await anyio.to_thread.run_sync(self._problem)

@@ -7,6 +7,7 @@ into a ``url`` answer, downloaded first only with ``store.verify_upstream_urls``
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 from pydantic import BaseModel
@@ -33,8 +34,9 @@ class ResponseFormatMiddleware(Layer):
         keep = self._keep_upstream_urls and wanted == "url" and not job.request.stream
         verify = not keep or self._verify_upstream_urls
         result = await call_next(replace(job, verify_urls=verify))
-        hosted = kept = 0
+        kept = 0
         unchecked: list[GeneratedImage] = []
+        to_host: list[GeneratedImage] = []
         for image in result.images:
             if keep and _is_web_url(image.url):
                 if not await self._runtime.fetcher.ensure_info(image, verify=verify):
@@ -43,11 +45,15 @@ class ResponseFormatMiddleware(Layer):
                 continue
             if wanted == "url":
                 await self._with_bytes(image)
-                image.url = await self._host(image, job.public_url)
-                hosted += 1
+                to_host.append(image)
             else:
                 await self._with_text(image)
                 image.url = None
+        # All at once: n images wait for one store round trip, not n in a row.
+        links = await asyncio.gather(*(self._host(image, job.public_url) for image in to_host))
+        for image, link in zip(to_host, links, strict=True):
+            image.url = link
+        hosted = len(to_host)
         if unchecked:
             # Said whether or not the client sent response_format: the answer holds
             # links to images the gateway has not seen.
@@ -90,7 +96,11 @@ class ResponseFormatMiddleware(Layer):
     async def _host(self, image: GeneratedImage, public_url: str) -> str:
         assert image.data is not None and image.media_type is not None
         fmt = FORMAT_OF_MEDIA_TYPE[image.media_type]
-        name = await self._runtime.store.put(image.data, fmt)
+        store = self._runtime.store
+        name = await store.put(image.data, fmt)
+        direct = store.direct_url(name)  # a presigned object URL, say
+        if direct is not None:
+            return direct
         return f"{public_url}/images/files/{name}?{self._runtime.signer.query(name)}"
 
 
