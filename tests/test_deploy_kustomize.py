@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import functools
+import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,16 @@ import yaml
 
 from flux_proxy import FluxProxy
 from flux_proxy.config import Settings, load_settings
+from flux_proxy.s3_store import S3ImageStore
 from flux_proxy.serving import ENDING_SECONDS
 from tests.containerfile import parse
 
 ROOT = Path(__file__).parents[1]
 KUSTOMIZE = ROOT / "deploy" / "kustomize"
-OVERLAYS = ("ingress-companion", "sidecar")
+# "overlay+component": the overlay with one of deploy/kustomize/components switched on, as
+# the overlay's own comments tell a user to (the ingress companion's S3 store option).
+S3_VARIANT = "ingress-companion+s3-store"
+OVERLAYS = ("ingress-companion", "sidecar", S3_VARIANT)
 # The oldest Kubernetes the manifests are meant for that kubernetes-validate has schemas for.
 KUBERNETES_VERSION = "1.30.0"
 WITHOUT_SCHEMA = {("gateway.networking.k8s.io/v1", "HTTPRoute")}
@@ -69,14 +75,26 @@ def kubectl() -> str:
 
 
 @functools.cache
-def rendered_text(overlay: str) -> str:
+def rendered_text(variant: str) -> str:
     """`kubectl kustomize` once per overlay (it takes ~0.3 s)."""
-    done = subprocess.run(
-        [kubectl(), "kustomize", str(KUSTOMIZE / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    overlay, _, component = variant.partition("+")
+    with tempfile.TemporaryDirectory() as scratch:
+        target = KUSTOMIZE / "overlays" / overlay
+        if component:
+            # Kustomize takes relative paths only, so the scratch file climbs to the repo.
+            up = Path(os.path.relpath(KUSTOMIZE, scratch))
+            target = Path(scratch)
+            (target / "kustomization.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "resources": [str(up / "overlays" / overlay)],
+                        "components": [str(up / "components" / component)],
+                    }
+                )
+            )
+        done = subprocess.run(
+            [kubectl(), "kustomize", str(target)], capture_output=True, text=True, check=False
+        )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -106,10 +124,26 @@ def gateway_container(deployment: dict[str, Any]) -> dict[str, Any]:
     return container
 
 
-def settings_of(objects: list[dict[str, Any]], tmp_path: Path) -> Settings:
+def settings_of(
+    objects: list[dict[str, Any]], tmp_path: Path, environ: dict[str, str] | None = None
+) -> Settings:
     path = tmp_path / "config.yaml"
     path.write_text(one(objects, "ConfigMap")["data"]["config.yaml"])
-    return load_settings(path, {})
+    return load_settings(path, environ or {})
+
+
+def pod_settings(objects: list[dict[str, Any]], tmp_path: Path) -> Settings:
+    """The settings the container runs with: the ConfigMap's file and its own variables."""
+    container = gateway_container(one(objects, "Deployment"))
+    return settings_of(objects, tmp_path, {e["name"]: e["value"] for e in container.get("env", [])})
+
+
+def secret_values(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return {
+        name: base64.b64decode(value).decode()
+        for secret in all_of(objects, "Secret")
+        for name, value in secret["data"].items()
+    }
 
 
 def port_number(container: dict[str, Any], port: int | str) -> int:
@@ -189,20 +223,18 @@ def test_the_config_and_keys_reach_the_container(rendered, tmp_path):
     _, objects = rendered
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     container = gateway_container(one(objects, "Deployment"))
-    settings = settings_of(objects, tmp_path)  # a valid config
+    settings = pod_settings(objects, tmp_path)  # a valid config
     config_dir = str(Path(image_env()["FLUX_PROXY_CONFIG"]).parent)
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == config_dir]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["configMap"]["name"] == one(objects, "ConfigMap")["metadata"]["name"]
-    secret = one(objects, "Secret")
-    assert container["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
-    keys = {name: base64.b64decode(value).decode() for name, value in secret["data"].items()}
-    assert set(keys) == {
-        "BFL_API_KEY",
-        "FAL_KEY",
-        "REPLICATE_API_TOKEN",
-        settings.store.signing_key_env,
-    }
+    secrets = all_of(objects, "Secret")
+    assert container["envFrom"] == [{"secretRef": {"name": s["metadata"]["name"]}} for s in secrets]
+    keys = secret_values(objects)
+    expected = {"BFL_API_KEY", "FAL_KEY", "REPLICATE_API_TOKEN", settings.store.signing_key_env}
+    if settings.store.backend == "s3":
+        expected |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert set(keys) == expected
     assert all(value.startswith("REPLACE-ME") for value in keys.values())  # placeholders only
     # Writable: /tmp alone, an emptyDir.
     writable = [m for m in container["volumeMounts"] if not m.get("readOnly")]
@@ -320,6 +352,26 @@ def test_the_httproute_has_the_shape_gateway_api_requires_and_the_same_split(tmp
     } == IMAGE_ROUTES
     for path, backend in ROUTED.items():
         assert route(rules, path) == backend, path
+
+
+# --- ingress-companion: the S3 store option ------------------------------------------------
+
+
+def test_the_s3_store_option_shares_one_bucket_and_answers_with_links(tmp_path):
+    overlay = (KUSTOMIZE / "overlays" / "ingress-companion" / "kustomization.yaml").read_text()
+    assert "../../components/s3-store" in overlay  # where the option is documented
+    objects = render(S3_VARIANT)
+    settings = pod_settings(objects, tmp_path)
+    assert settings.store.backend == "s3"
+    assert settings.store.s3.bucket and settings.store.s3.prefix
+    assert settings.defaults.response_format == "url"  # every replica serves every link
+    # The gateway builds its bucket store from those settings and the Secret's keys
+    # (no call to the bucket is made to build it).
+    app = FluxProxy(settings, environ=secret_values(objects))
+    assert isinstance(app.runtime.store, S3ImageStore)
+    # Without the option the ingress companion still answers inline (memory store).
+    plain = pod_settings(render("ingress-companion"), tmp_path)
+    assert (plain.store.backend, plain.defaults.response_format) == ("memory", "b64_json")
 
 
 # --- sidecar ------------------------------------------------------------------------------
