@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 from aiohttp import ThreadedResolver
 from pydantic import ValidationError
@@ -42,6 +43,7 @@ from flux_proxy.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
 )
 from flux_proxy.forward import Forwarder
 from flux_proxy.generation import Generator, render_json, render_stream
@@ -239,11 +241,21 @@ class FluxProxy:
             raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-            chunks.append(chunk)
+        # The whole body, however it trickles in: a client sending a byte a minute
+        # would otherwise hold the request (and its connection) for ever.
+        deadline = self.settings.limits.client_body_timeout
+        try:
+            with anyio.fail_after(deadline):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {deadline:g} seconds "
+                "(limits.client_body_timeout)."
+            ) from None
         try:
             payload = json.loads(b"".join(chunks))
         except (ValueError, RecursionError):  # ValueError covers JSON, UTF-8 and huge ints

@@ -104,6 +104,7 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as error:  # e.g. store.directory cannot be created
         print(f"flux-proxy: cannot start: {error}", file=sys.stderr)
         return 1
+    from flux_proxy.head_guard import http_protocol
     from flux_proxy.serving import run
 
     host = args.host or settings.server.host
@@ -119,4 +120,7 @@ def serve(args: argparse.Namespace) -> int:
         proxy_headers=True,
         forwarded_allow_ips=settings.server.forwarded_allow_ips,
         server_header=False,
+        # uvicorn's httptools protocol, with a deadline and a size cap on each
+        # request head: see flux_proxy/head_guard.py.
+        http=http_protocol(settings.limits.client_header_timeout),
     )

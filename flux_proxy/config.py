@@ -110,6 +110,11 @@ class LimitSettings(_Section):
     max_pixels: int = Field(4096 * 4096, ge=1)
     # Whole request, from first byte to last image.
     request_timeout: float = Field(300.0, gt=0)
+    # Seconds a client has to send a request's headers (`flux-proxy serve`: from the
+    # connection's start or its last answer) and its whole body; 408 and the connection
+    # closed after. nginx's client_header_timeout / client_body_timeout defaults.
+    client_header_timeout: float = Field(60.0, gt=0)
+    client_body_timeout: float = Field(60.0, gt=0)
     # One upstream HTTP exchange.
     upstream_timeout: float = Field(120.0, gt=0)
     # Upstream calls one request may run at once when fanning out n.

@@ -18,6 +18,9 @@ class GatewayError(Exception):
     default_code: str | None = None
     # Whether another provider may serve the same request (failover).
     retryable = False
+    # Whether the answer closes the client's connection (``Connection: close``): after
+    # a request whose body was not read to its end, the connection cannot carry another.
+    closes_connection = False
 
     def __init__(
         self,
@@ -33,6 +36,8 @@ class GatewayError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
         self.headers = dict(headers or {})
+        if self.closes_connection:
+            self.headers.setdefault("Connection", "close")
         if status_code is not None:
             self.status_code = status_code
 
@@ -87,10 +92,22 @@ class MethodNotAllowed(GatewayError):
     default_code = "method_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    """The client took longer than its limit to send its request."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+    closes_connection = True
+
+
 class PayloadTooLarge(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "request_too_large"
+    # Refused before the body is read (or part-way): reading on to reuse the
+    # connection would take in what the limit refused.
+    closes_connection = True
 
 
 class RateLimited(GatewayError):
