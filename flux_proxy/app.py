@@ -30,6 +30,7 @@ from starlette.routing import Router as HTTPRouter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flux_proxy.addresses import ResolverFactory
+from flux_proxy.admission import Admission
 from flux_proxy.breaker import BreakerBoard, Clock
 from flux_proxy.composition import build_stack
 from flux_proxy.config import ConfigError, Settings, describe_validation_error, load_settings
@@ -86,6 +87,7 @@ class FluxProxy:
         # Upstream health, per gateway; ``clock`` lets tests move time (cool-downs).
         self.breakers = BreakerBoard(settings.breaker, clock)
         self._generator = Generator(settings, stack, self.breakers)
+        self._admission = Admission(settings.limits)
         self._app = app
         self._prefix = settings.server.api_prefix
         self._client_keys = [
@@ -162,20 +164,24 @@ class FluxProxy:
         model = self.router.resolve(model_name)
         public_url = self._public_url(request)
         sent = list(payload)
+        demand = self._generator.demand(image_request, model)
         if image_request.stream:
             self._generator.check(image_request, model, public_url)
+            ticket = self._admission.admit(demand)  # last: nothing after it may refuse
             return render_stream(
                 lambda progress: self._generator.generate(
                     image_request, model, public_url, progress
                 ),
                 sent,
+                on_close=ticket.release,
             )
 
         async def work() -> Response:
             result = await self._generator.generate(image_request, model, public_url)
             return render_json(image_request, result, sent, self.settings)
 
-        return await unless_disconnected(request.receive, work)
+        with self._admission.admit(demand):
+            return await unless_disconnected(request.receive, work)
 
     async def _models(self, request: Request) -> Response:
         self._authenticate(request.headers)

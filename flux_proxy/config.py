@@ -119,8 +119,21 @@ class LimitSettings(_Section):
     upstream_timeout: float = Field(120.0, gt=0)
     # Upstream calls one request may run at once when fanning out n.
     fanout_concurrency: int = Field(4, ge=1)
-    # Decode/resize/encode jobs running at once, process-wide (off the event loop).
+    # Decode/resize/encode jobs running at once in the heavy lane (threads, off the event
+    # loop), and in the light lane, which has its own (see flux_proxy/admission.py).
     image_workers: int = Field(2, ge=1)
+    light_image_workers: int = Field(1, ge=1)
+    # One request's budget, pixels x n: above it a 400, before anything is spent. AVIF
+    # has its own, smaller one: its encoder costs ~0.5-1.5 s of CPU per megapixel.
+    max_request_pixels: int = Field(4 * 4096 * 4096, ge=1)
+    max_avif_pixels: int = Field(4096 * 4096, ge=1)
+    # Requests of at most this many pixels x n, in a fast format, are light: their own
+    # lane of admission and threads, so they never wait behind heavy ones.
+    light_request_pixels: int = Field(4 * 1024 * 1024, ge=1)
+    # Pixels x n each lane admits at once (working or waiting); past it a fast 503 with
+    # Retry-After. A request alone in its lane is always admitted.
+    light_lane_pixels: int = Field(256 * 1024 * 1024, ge=1)
+    heavy_lane_pixels: int = Field(8 * 4096 * 4096, ge=1)
     # Largest image the gateway will download from an upstream URL.
     max_fetch_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 

@@ -117,6 +117,17 @@ class RateLimited(GatewayError):
     retryable = True
 
 
+class Overloaded(GatewayError):
+    """The gateway has as much image work admitted as it takes: try again shortly."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
 class UpstreamError(GatewayError):
     """The provider failed or answered something the gateway cannot use."""
 

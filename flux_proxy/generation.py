@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from flux_proxy import b64
+from flux_proxy.admission import Demand
 from flux_proxy.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from flux_proxy.config import Settings
 from flux_proxy.errors import (
@@ -49,6 +50,7 @@ from flux_proxy.schema import (
     Report,
     Target,
 )
+from flux_proxy.sizes import SizeLimits, requested_target
 
 logger = logging.getLogger("flux_proxy")
 
@@ -65,6 +67,21 @@ class Generator:
         self._settings = settings
         self._stack = stack
         self._breakers = breakers
+
+    def demand(self, request: ImageRequest, model: ModelRoute) -> Demand:
+        """What ``request`` asks the gateway to make, for admission (flux_proxy/admission.py):
+        its target size as the first provider would resolve it, ``n``, its format."""
+        limits = self._settings.limits
+        target = requested_target(
+            size=request.size,
+            aspect_ratio=request.aspect_ratio,
+            resolution=request.resolution,
+            extras=request.extras,
+            capabilities=model.targets[0].capabilities,
+            limits=SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels),
+        )
+        fmt = request.target_format or self._settings.defaults.output_format
+        return Demand(pixels=target.width * target.height, n=request.n, fmt=fmt)
 
     def check(self, request: ImageRequest, model: ModelRoute, public_url: str) -> None:
         """Reject bad input before a streaming response commits to 200."""
@@ -296,7 +313,9 @@ def report_headers(result: ImageResult, sent: list[str]) -> dict[str, str]:
 
 
 def render_stream(
-    generate: Callable[[ProgressSink], Awaitable[ImageResult]], sent: list[str]
+    generate: Callable[[ProgressSink], Awaitable[ImageResult]],
+    sent: list[str],
+    on_close: Callable[[], None],
 ) -> StreamingResponse:
     """OpenAI's image-generation server-sent events.
 
@@ -339,9 +358,34 @@ def render_stream(
                 async for chunk in receiver:
                     yield chunk
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    return ClosingStream(
+        events(),
+        on_close,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
     )
+
+
+class ClosingStream(StreamingResponse):
+    """A stream that calls ``on_close`` once it has been sent, or given up: the work
+    behind it (its admission ticket, say) lasts as long as the stream does."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], None],
+        *,
+        media_type: str,
+        headers: Mapping[str, str],
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 def progress_event(progress: Progress) -> dict[str, Any]:

@@ -1,17 +1,18 @@
 """Pillow work: sniffing, decoding, fitting and encoding images.
 
 The functions here are blocking; :class:`ImageWorker` runs them off the event
-loop with a process-wide bound, so a burst of large images cannot stall every
-other request or exhaust memory.
+loop on a bounded number of threads in two lanes (light and heavy work), so a
+burst of large images can neither stall every other request nor exhaust memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import anyio.to_thread
 from PIL import Image, ImageOps
 
 from flux_proxy.errors import UpstreamError
@@ -34,6 +35,9 @@ EXTENSIONS: dict[str, str] = {
     "webp": "webp",
     "avif": "avif",
 }
+# Formats whose encoder is far slower per pixel than the rest (AVIF: ~0.5-1.5 s of CPU
+# per megapixel, against ~0.3 for PNG or WebP): always heavy work, with its own budget.
+SLOW_ENCODERS = frozenset({"avif"})
 PILLOW_NAMES: dict[str, str] = {
     "png": "PNG",
     "jpeg": "JPEG",
@@ -127,10 +131,34 @@ def _flatten(image: Image.Image) -> Image.Image:
 
 
 class ImageWorker:
-    """Runs blocking image work in threads, at most ``workers`` at a time."""
+    """Runs blocking image work in threads, in two lanes with their own threads.
 
-    def __init__(self, workers: int) -> None:
-        self._limiter = anyio.CapacityLimiter(workers)
+    Light work (an image of at most ``light_pixels``, not encoded as a slow format)
+    runs on ``light_workers`` threads, the rest on ``workers``: a 64x64 resize never
+    waits for a thread behind 4096x4096 AVIF encodes. Work whose size the caller does
+    not give (``pixels=None``, a plugin's, say) is taken to be heavy.
 
-    async def run(self, function: Callable[..., T], *args: object) -> T:
-        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
+    A caller that stops waiting (its request's deadline passed, its client left) gets
+    its cancellation at once, but a job already running keeps its thread to the end:
+    Pillow cannot be interrupted, and the lane's bound must count it until it is done.
+    A job not yet started is dropped.
+    """
+
+    def __init__(self, workers: int, light_workers: int = 1, light_pixels: int = 0) -> None:
+        self._heavy = ThreadPoolExecutor(workers, thread_name_prefix="flux-proxy-images")
+        self._light = ThreadPoolExecutor(light_workers, thread_name_prefix="flux-proxy-light")
+        self._light_pixels = light_pixels
+
+    async def run(
+        self,
+        function: Callable[..., T],
+        *args: object,
+        pixels: int | None = None,
+        fmt: str | None = None,
+    ) -> T:
+        """``function(*args)`` in a thread of the lane that ``pixels`` (of the larger
+        image the job handles) and ``fmt`` (the format it encodes, if any) pick."""
+        light = pixels is not None and pixels <= self._light_pixels and fmt not in SLOW_ENCODERS
+        lane = self._light if light else self._heavy
+        # wrap_future: cancelling the await cancels the job if it has not started yet.
+        return await asyncio.wrap_future(lane.submit(function, *args))

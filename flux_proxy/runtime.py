@@ -48,7 +48,12 @@ class Runtime:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         limits = settings.limits
-        self.images = ImageWorker(limits.image_workers)
+        self.images = ImageWorker(
+            limits.image_workers,
+            limits.light_image_workers,
+            # Light image work: what one image of a light request can be.
+            limits.light_request_pixels,
+        )
         origins = [t.base_url for t in settings.provider_configs() if t.base_url]
         private = settings.fetch.allow_private_hosts
         self.fetcher = ImageFetcher(

@@ -295,6 +295,14 @@ class GeneratedImage:
         self._data = data
         self._b64_checked = True
 
+    def pixel_count(self) -> int | None:
+        """Pixels of the image as it is held (decoded, or as its header says), if known."""
+        if self.pixels is not None:
+            return self.pixels.width * self.pixels.height
+        if self.width is not None and self.height is not None:
+            return self.width * self.height
+        return None
+
     def __repr__(self) -> str:  # never megabytes of image in a log line
         held = "b64" if self._b64 is not None else "data" if self._data is not None else "url"
         return (

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from flux_proxy.capabilities import Capabilities, SizeSupport
 from flux_proxy.errors import InvalidRequest
@@ -24,6 +26,8 @@ _NUMBER = r"(\d{1,7}(?:\.\d{1,7})?)"
 _RATIO = re.compile(rf"^\s*{_NUMBER}\s*:\s*{_NUMBER}\s*$")
 _TIER_K = re.compile(rf"^\s*{_NUMBER}\s*[kK]\s*$")
 _MEGAPIXELS = re.compile(rf"^\s*{_NUMBER}\s*(?:[mM][pP])?\s*$")
+# Replicate-style exact pixels, sent as extra fields.
+PIXEL_FIELDS = ("width", "height")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,45 @@ class TargetSize:
     @property
     def text(self) -> str:
         return f"{self.width}x{self.height}"
+
+
+def requested_target(
+    *,
+    size: str | None,
+    aspect_ratio: str | None,
+    resolution: str | None,
+    extras: Mapping[str, Any],
+    capabilities: Capabilities,
+    limits: SizeLimits,
+) -> TargetSize:
+    """The exact pixel size a request must produce, ``width``/``height`` fields included."""
+    pixels = pixel_fields(extras)
+    # Replicate-style clients send aspect_ratio "custom" with width and height.
+    if aspect_ratio is not None and aspect_ratio.strip().lower() == "custom":
+        if pixels is None:
+            raise InvalidRequest(
+                "aspect_ratio 'custom' needs integer 'width' and 'height'.",
+                param="aspect_ratio",
+            )
+        aspect_ratio = None
+    # width and height are exact pixels: below an explicit size, above a shape.
+    if pixels is not None and (size is None or size.strip().lower() == "auto"):
+        size = f"{pixels[0]}x{pixels[1]}"
+    return resolve_target(
+        size=size,
+        aspect_ratio=aspect_ratio,
+        resolution=resolution,
+        capabilities=capabilities,
+        limits=limits,
+    )
+
+
+def pixel_fields(extras: Mapping[str, Any]) -> tuple[int, int] | None:
+    """Integer ``width`` and ``height`` the client sent as extra fields, if both."""
+    width, height = (extras.get(name) for name in PIXEL_FIELDS)
+    if type(width) is int and type(height) is int:
+        return width, height
+    return None
 
 
 def resolve_target(

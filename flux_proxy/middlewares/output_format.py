@@ -94,7 +94,13 @@ class OutputFormatMiddleware(Layer):
         )
         assert source is not None  # ensure_data gave it bytes
         image.data = await self._runtime.images.run(
-            _transcode, source, plan.target, plan.compression, self._max_decode
+            _transcode,
+            source,
+            plan.target,
+            plan.compression,
+            self._max_decode,
+            pixels=image.pixel_count(),
+            fmt=plan.target,
         )
         image.pixels = image.url = None
         image.media_type = MEDIA_TYPES[plan.target]

@@ -77,7 +77,9 @@ class ResponseFormatMiddleware(Layer):
 
     async def _encode_pixels(self, image: GeneratedImage) -> None:
         if image.pixels is not None:  # changed but not encoded: no format layer in the stack
-            image.data = await self._runtime.images.run(encode, image.pixels, "png", None)
+            image.data = await self._runtime.images.run(
+                encode, image.pixels, "png", None, pixels=image.pixel_count(), fmt="png"
+            )
             image.pixels, image.media_type = None, "image/png"
 
     async def _with_bytes(self, image: GeneratedImage) -> None:

@@ -7,14 +7,18 @@ from dataclasses import replace
 from PIL import Image
 from pydantic import BaseModel
 
-from flux_proxy.errors import InvalidRequest
 from flux_proxy.imaging import decode, fit
 from flux_proxy.pipeline import CallNext, Layer
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, Handling, ImageJob, ImageResult
-from flux_proxy.sizes import SizeLimits, TargetSize, native_size, resolve_target
-
-PIXEL_FIELDS = ("width", "height")
+from flux_proxy.sizes import (
+    PIXEL_FIELDS,
+    SizeLimits,
+    TargetSize,
+    native_size,
+    pixel_fields,
+    requested_target,
+)
 
 
 class SizeMiddleware(Layer):
@@ -32,23 +36,11 @@ class SizeMiddleware(Layer):
 
     def _target(self, job: ImageJob) -> TargetSize:
         request = job.request
-        size, aspect_ratio = request.size, request.aspect_ratio
-        pixels = _pixel_fields(job)
-        # Replicate-style clients send aspect_ratio "custom" with width and height.
-        if aspect_ratio is not None and aspect_ratio.strip().lower() == "custom":
-            if pixels is None:
-                raise InvalidRequest(
-                    "aspect_ratio 'custom' needs integer 'width' and 'height'.",
-                    param="aspect_ratio",
-                )
-            aspect_ratio = None
-        # width and height are exact pixels: below an explicit size, above a shape.
-        if pixels is not None and (size is None or size.strip().lower() == "auto"):
-            size = f"{pixels[0]}x{pixels[1]}"
-        return resolve_target(
-            size=size,
-            aspect_ratio=aspect_ratio,
+        return requested_target(
+            size=request.size,
+            aspect_ratio=request.aspect_ratio,
             resolution=request.resolution,
+            extras=request.extras,
             capabilities=job.target.capabilities,
             limits=self._limits,
         )
@@ -58,7 +50,7 @@ class SizeMiddleware(Layer):
         width, height = native_size(target.width, target.height, job.target.capabilities.sizes)
         self._report(job, target, (width, height))
         fields = job.fields
-        if _pixel_fields(job) is not None and job.request.size in (None, "auto"):
+        if pixel_fields(job.request.extras) is not None and job.request.size in (None, "auto"):
             # Consumed here: the provider gets the size in its own form instead.
             fields = {k: v for k, v in fields.items() if k not in PIXEL_FIELDS}
             for name in PIXEL_FIELDS:
@@ -85,7 +77,12 @@ class SizeMiddleware(Layer):
         )
         assert source is not None  # ensure_data gave it bytes
         image.pixels = await self._runtime.images.run(
-            _fit, source, target.width, target.height, self._max_decode
+            _fit,
+            source,
+            target.width,
+            target.height,
+            self._max_decode,
+            pixels=max(image.pixel_count() or 0, target.width * target.height),
         )
         image.data = image.url = image.media_type = None
         image.width, image.height = target.width, target.height
@@ -115,14 +112,6 @@ class SizeMiddleware(Layer):
         for param in ("aspect_ratio", "resolution"):
             if param in sent and getattr(job.request, param) is not None:
                 job.report.record(param, handling, f"{target.how} = {target.text}{tail}")
-
-
-def _pixel_fields(job: ImageJob) -> tuple[int, int] | None:
-    """Integer ``width`` and ``height`` the client sent as extra fields, if both."""
-    width, height = (job.request.extras.get(name) for name in PIXEL_FIELDS)
-    if type(width) is int and type(height) is int:
-        return width, height
-    return None
 
 
 def _fit(source: Image.Image | bytes, width: int, height: int, max_decode: int) -> Image.Image:

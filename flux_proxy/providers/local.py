@@ -60,7 +60,15 @@ class LocalRenderer:
         for index in range(job.n):
             seed = first_seed + index
             data = await self._images.run(
-                render_encoded, job.request.prompt, seed, width, height, fmt, job.output_compression
+                render_encoded,
+                job.request.prompt,
+                seed,
+                width,
+                height,
+                fmt,
+                job.output_compression,
+                pixels=width * height,
+                fmt=fmt,
             )
             images.append(
                 GeneratedImage(
