@@ -133,11 +133,12 @@ def streamed_answer(size: int, prefix: bytes = b"") -> Callable[..., Awaitable[N
     ],
     ids=["answer-above-the-cap", "truncated-image-within-it"],
 )
-async def test_a_failed_requests_memory_is_freed_when_it_ends(serve_upstream, answer, refusal):
+@pytest.mark.parametrize("n", [1, 3], ids=["one-call", "fanned-out"])
+async def test_a_failed_requests_memory_is_freed_when_it_ends(serve_upstream, answer, refusal, n):
     url = serve_upstream(answer)
     entry = {"provider": "openai", "base_url": f"{url}/v1"}
     app = FluxProxy({"limits": {"max_fetch_bytes": FETCH_CAP}, "models": {"m": entry}}, environ={})
-    body = {"model": "m", "prompt": "x", "size": "64x64"}
+    body = {"model": "m", "prompt": "x", "size": "64x64", "n": n}
     async with asgi_client(app) as client:
         await client.post("/v1/images/generations", json=body)  # the client and pool, warm
         # No collector: what is not freed by reference counting the moment the request

@@ -54,13 +54,23 @@ class FanOutMiddleware(Layer):
                 sub_seed = None if seed is None else seed + offsets[index]
                 results[index] = await call_next(replace(job, n=counts[index], seed=sub_seed))
 
+        failure: BaseException | None = None
         try:
             async with anyio.create_task_group() as group:
                 for index in range(len(counts)):
                     group.start_soon(run, index)
         except BaseExceptionGroup as group_error:
             # One failed call fails the request: the others were cancelled with it.
-            raise _first_gateway_error(group_error) from None
+            failure = _first_gateway_error(group_error)
+        if failure is not None:
+            # Raised outside the except block, from a name deleted on the way out: inside
+            # it, the error's context would be the group holding it; kept, this frame (in
+            # its traceback) would. Either cycle kept every call's answer alive until a
+            # full garbage collection.
+            try:
+                raise failure
+            finally:
+                del failure
 
         done = [result for result in results if result is not None]
         return ImageResult(
