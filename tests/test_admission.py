@@ -244,3 +244,14 @@ async def test_the_request_deadline_answers_while_pillow_still_works() -> None:
     finally:
         GatedLayer.release.set()
     assert await anyio.to_thread.run_sync(GatedLayer.finished.wait, PATIENCE)
+
+
+async def test_a_stream_holds_its_place_until_it_ends() -> None:
+    # Every request heavy, and the lane full with one: a place not given back shows.
+    app = FluxProxy({"limits": {"light_request_pixels": 1, "heavy_lane_pixels": 1}}, environ={})
+    for _ in range(2):
+        response = await generate(app, prompt="a harbour", size="64x64", stream=True)
+        assert response.status_code == 200, response.text
+        assert "event: image_generation.completed" in response.text
+    answer = await generate(app, prompt="a harbour", size="64x64")
+    assert answer.status_code == 200, answer.text
