@@ -8,6 +8,7 @@ burst of large images can neither stall every other request nor exhaust memory.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -160,5 +161,7 @@ class ImageWorker:
         image the job handles) and ``fmt`` (the format it encodes, if any) pick."""
         light = pixels is not None and pixels <= self._light_pixels and fmt not in SLOW_ENCODERS
         lane = self._light if light else self._heavy
-        # wrap_future: cancelling the await cancels the job if it has not started yet.
-        return await asyncio.wrap_future(lane.submit(function, *args))
+        # The caller's context goes along (as anyio's threads carry it: a request id for
+        # the log, say); wrap_future: cancelling the await drops a job not yet started.
+        job = lane.submit(contextvars.copy_context().run, function, *args)
+        return await asyncio.wrap_future(job)
