@@ -111,7 +111,10 @@ async def test_a_full_heavy_lane_refuses_at_once_and_light_requests_go_by(
             group.start_soon(send_heavy)
             group.start_soon(send_heavy)
             # Both admitted and held upstream: the heavy lane is full.
-            assert await anyio.to_thread.run_sync(wait_for, lambda: upstream.held == 2)
+            admitted = await anyio.to_thread.run_sync(
+                wait_for, lambda: upstream.held == 2, PATIENCE
+            )
+            assert admitted
 
             refused = await client.post("/images/generations", json=heavy)
             error = assert_openai_error(refused, 503)
