@@ -200,8 +200,14 @@ class StoreUnavailable(GatewayError):
     # A bucket that went away is rarely back within a second; a probe period is fair.
     retry_after_seconds = 5
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": str(self.retry_after_seconds)})
+    def __init__(self, problem: str) -> None:
+        """``problem``: what is wrong, in words fit for any client ("the image bucket is
+        unreachable"), never an address or a key."""
+        super().__init__(
+            f"The gateway cannot host images now: {problem}. Retry later, or ask for "
+            "response_format 'b64_json', which does not need the image store.",
+            headers={"Retry-After": str(self.retry_after_seconds)},
+        )
 
 
 class InternalError(GatewayError):

@@ -160,7 +160,9 @@ def _signing_key(settings: Settings, environ: Mapping[str, str]) -> bytes:
     key = environ.get(settings.store.signing_key_env)
     if key:
         return key.encode()
-    if settings.store.backend != "memory":
+    store = settings.store
+    presigned = store.backend == "s3" and store.s3.links == "presigned"  # S3 signs those
+    if store.backend != "memory" and not presigned:
         logger.warning(
             "%s is not set: image links are signed with a per-process key and "
             "stop working after a restart or on another replica",

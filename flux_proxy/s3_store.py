@@ -78,6 +78,8 @@ class S3ImageStore:
         self._probe_timeout = httpx.Timeout(min(timeout_seconds, 2.0))
         self._presigned = presigned_links
         self._check_seconds = check_seconds
+        # How long a failure stops url requests before they reach a provider.
+        self._recent_seconds = max(check_seconds, 1.0)
         self._clock = clock
         self._monotonic = monotonic
         # The last thing learnt about the bucket, and when: (monotonic time, problem).
@@ -119,6 +121,12 @@ class S3ImageStore:
             return None
         return self._signer.presign("GET", self._address.object_url(self._prefix + name), self._ttl)
 
+    def known_problem(self) -> str | None:
+        # Only while fresh: with no probe or request since, the next request tries again.
+        if self._known is None or self._monotonic() - self._known[0] >= self._recent_seconds:
+            return None
+        return self._known[1]
+
     async def problem(self) -> str | None:
         """HEAD the bucket, at most once per ``check_seconds`` (probes come every few
         seconds from every kubelet); a PUT or GET that just succeeded or failed counts."""
@@ -157,7 +165,7 @@ class S3ImageStore:
             # The exception's class, not its text: that may quote the request.
             logger.warning("image store: %s failed: %s", method, type(error).__name__)
             self._learn(UNREACHABLE)
-            raise StoreUnavailable(_unavailable(UNREACHABLE)) from None
+            raise StoreUnavailable(UNREACHABLE) from None
         if response.status_code < 500 and response.status_code not in (401, 403):
             self._learn(None)  # the bucket answered, and took the gateway's credentials
         return response
@@ -172,7 +180,7 @@ class S3ImageStore:
         )
         problem = _described(response.status_code)
         self._learn(problem)
-        return StoreUnavailable(_unavailable(problem))
+        return StoreUnavailable(problem)
 
     def _learn(self, problem: str | None) -> None:
         self._known = (self._monotonic(), problem)
@@ -187,10 +195,3 @@ def _described(status: int) -> str:
     if status == 301:  # S3's PermanentRedirect: the bucket lives in another region
         return "the image bucket is in another region than store.s3.region"
     return f"the image bucket answered HTTP {status}"
-
-
-def _unavailable(problem: str) -> str:
-    return (
-        f"The gateway cannot host images now: {problem}. Retry later, or ask for "
-        "response_format 'b64_json', which does not need the image store."
-    )

@@ -46,6 +46,12 @@ class ImageStore(Protocol):
         """A link that fetches ``name`` without the gateway, or None: link to the gateway."""
         ...
 
+    def known_problem(self) -> str | None:
+        """A problem the store met a moment ago, without asking again (no I/O), or None.
+        A ``url`` request fails on it at once, before a provider is paid for an image
+        the store could not keep."""
+        ...
+
     async def problem(self) -> str | None:
         """Why the store cannot keep images now, or None. Readiness probes call this
         every few seconds, so it must be cheap; its words reach unauthenticated clients."""
@@ -87,6 +93,9 @@ class MemoryImageStore:
         return item[1]
 
     def direct_url(self, name: str) -> str | None:
+        return None
+
+    def known_problem(self) -> str | None:
         return None
 
     async def problem(self) -> str | None:
@@ -150,6 +159,9 @@ class DirectoryImageStore:
 
     def direct_url(self, name: str) -> str | None:
         return None
+
+    def known_problem(self) -> str | None:
+        return None  # a write tells, and costs what a check would
 
     async def problem(self) -> str | None:
         return await anyio.to_thread.run_sync(self._problem)

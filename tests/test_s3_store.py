@@ -28,6 +28,7 @@ from flux_proxy.s3_store import BucketAddress, S3ImageStore
 from flux_proxy.sigv4 import AwsCredentials, SigV4Signer
 from tests.images import assert_image, make_image
 from tests.servers import free_port
+from tests.upstream_openai import RecordingUpstream
 
 SCRIPT = Path(sys.executable).with_name("flux-proxy")
 SECRET = "s3-secret-never-shown-7f3a"
@@ -219,6 +220,38 @@ def test_an_unreachable_bucket_fails_readiness_and_url_but_not_b64(start_gateway
     (image,) = b64.json()["data"]
     assert_image(base64.b64decode(image["b64_json"]), "png", (64, 48))
     assert_secret_absent(ready.text, url.text)
+
+
+def test_a_url_request_fails_before_the_provider_while_the_bucket_is_known_down(
+    start_gateway, serve_upstream
+):
+    recording = RecordingUpstream()
+    upstream = serve_upstream(recording.app())
+    config = {
+        **s3_config(f"http://127.0.0.1:{free_port()}", "b", check_seconds=60),  # nothing there
+        "models": {"relay": {"provider": "openai", "base_url": f"{upstream}/v1"}},
+    }
+    gateway = start_gateway(config, environ={**AWS, "OPENAI_API_KEY": "sk-up"})
+    assert httpx.get(f"{gateway}/readyz").status_code == 503  # the store learns it is down
+    ask = {"model": "relay", "prompt": "a lighthouse", "size": "64x48"}
+    url = httpx.post(f"{gateway}/v1/images/generations", json=ask)
+    assert url.status_code == 503
+    assert url.json()["error"]["code"] == "image_store_unavailable"
+    assert recording.requests == []  # no provider was paid for an image with nowhere to go
+    b64 = httpx.post(
+        f"{gateway}/v1/images/generations", json={**ask, "response_format": "b64_json"}
+    )
+    assert b64.status_code == 200, b64.text
+    assert len(recording.requests) == 1
+
+
+def test_presigned_links_need_no_gateway_signing_key(caplog):
+    config = s3_config("http://127.0.0.1:9", "b", links="presigned")
+    with caplog.at_level("WARNING", logger="flux_proxy"):
+        FluxProxy(config, environ=AWS)
+        FluxProxy(s3_config("http://127.0.0.1:9", "b"), environ=AWS)
+    warned = [r.getMessage() for r in caplog.records if "FLUX_PROXY_SIGNING_KEY" in r.getMessage()]
+    assert len(warned) == 1  # the gateway-links store only
 
 
 def test_a_missing_bucket_is_named_as_such_in_readiness(start_gateway, moto):

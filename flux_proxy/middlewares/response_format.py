@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from pydantic import BaseModel
 
+from flux_proxy.errors import StoreUnavailable
 from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE, encode
 from flux_proxy.pipeline import CallNext, Layer
 from flux_proxy.runtime import Runtime
@@ -32,6 +33,11 @@ class ResponseFormatMiddleware(Layer):
         wanted = job.request.response_format or self._default
         # A streamed completed event carries the image's bytes whatever the format.
         keep = self._keep_upstream_urls and wanted == "url" and not job.request.stream
+        if wanted == "url" and not keep and not job.request.stream:
+            # The store failed a moment ago: no provider is paid for an image it cannot keep.
+            problem = self._runtime.store.known_problem()
+            if problem is not None:
+                raise StoreUnavailable(problem)
         verify = not keep or self._verify_upstream_urls
         result = await call_next(replace(job, verify_urls=verify))
         kept = 0
