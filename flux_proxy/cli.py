@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -22,6 +23,16 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, not {port}")
     return port
+
+
+def _positive(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {count}")
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="log level (default: info)",
     )
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        help="worker processes sharing the port (default: server.workers, 1)",
+    )
+    # A worker of --workers: serve on the listening socket its parent passed down.
+    serve.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     emulate = commands.add_parser(
         "emulate",
         help="run a provider emulator (offline, no keys)",
@@ -104,16 +122,22 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as error:  # e.g. store.directory cannot be created
         print(f"flux-proxy: cannot start: {error}", file=sys.stderr)
         return 1
+    from flux_proxy import serving
     from flux_proxy.head_guard import http_protocol
-    from flux_proxy.serving import run
 
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
+    grace = settings.server.shutdown_grace_seconds
+    workers = args.workers or settings.server.workers
+    if args.fd is None and workers > 1:
+        sock = serving.listen(app, host, port, args.log_level)
+        return serving.Workers(_worker_command(args), workers, sock, grace).run()
     # No Server header of uvicorn's own: forwarded answers carry the upstream's.
-    return run(
+    return serving.run(
         app,
         app.drain,
-        settings.server.shutdown_grace_seconds,
+        grace,
+        sockets=None if args.fd is None else [socket.socket(fileno=args.fd)],
         host=host,
         port=port,
         log_level=args.log_level,
@@ -124,3 +148,9 @@ def serve(args: argparse.Namespace) -> int:
         # request head: see flux_proxy/head_guard.py.
         http=http_protocol(settings.limits.client_header_timeout),
     )
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    """How a worker of ``--workers`` is started: this same serve, on one socket (--fd)."""
+    command = [sys.executable, "-m", "flux_proxy", "serve", "--log-level", args.log_level]
+    return command + (["--config", args.config] if args.config else [])

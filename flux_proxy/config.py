@@ -86,6 +86,8 @@ class ServerSettings(_Section):
     # ends them (see flux_proxy/serving.py). Under Kubernetes' default 30 s termination
     # grace period; a Deployment that allows longer requests sets both (deploy/kustomize).
     shutdown_grace_seconds: float = Field(25.0, ge=0)
+    # `flux-proxy serve` processes sharing the port (--workers wins); each drains on SIGTERM.
+    workers: int = Field(1, ge=1)
 
     @field_validator("api_prefix")
     @classmethod

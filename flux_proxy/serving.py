@@ -21,13 +21,21 @@ body slowly holds the process open forever. ``GracefulServer``, on SIGTERM or SI
 So the process exits about grace + 2 x ``ENDING_SECONDS`` after the signal at the
 latest. Like uvicorn, it then re-raises the signal: the exit status is "killed by
 SIGTERM" (143 in a shell), which process managers read as a clean stop.
+
+With ``--workers N``, ``Workers`` supervises N such processes on one listening socket
+(uvicorn's own supervisor would run its stock server in each, without the drain).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
 from contextlib import suppress
 from types import FrameType
 from typing import Any
@@ -43,6 +51,8 @@ logger = logging.getLogger("flux_proxy")
 ENDING_SECONDS = 1.0
 # uvicorn's status when the server could not start (a port in use, say).
 STARTUP_FAILURE = 3
+# What a worker is given beyond its grace period to exit before it is killed.
+WORKER_EXIT_MARGIN_SECONDS = 5.0
 
 
 class GracefulServer(uvicorn.Server):
@@ -110,9 +120,110 @@ def stop_listening(server: uvicorn.Server, sockets: list[socket.socket] | None) 
         connection.shutdown()
 
 
-def run(app: Any, drain: Drain, grace_seconds: float, **options: Any) -> int:
+def run(
+    app: Any,
+    drain: Drain,
+    grace_seconds: float,
+    sockets: list[socket.socket] | None = None,
+    **options: Any,
+) -> int:
     """Serve ``app`` until a signal stops it (``options`` as ``uvicorn.Config``'s); the status."""
     server = GracefulServer(uvicorn.Config(app, **options), drain, grace_seconds)
     with suppress(KeyboardInterrupt):  # a second Ctrl-C while the loop winds down
-        server.run()
+        server.run(sockets)
     return 0 if server.started else STARTUP_FAILURE
+
+
+def listen(app: Any, host: str, port: int, log_level: str) -> socket.socket:
+    """The listening socket ``Workers`` share, bound as uvicorn binds its own."""
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level).bind_socket()
+
+
+class Workers:
+    """``count`` worker processes serving one listening socket, each a ``GracefulServer``.
+
+    ``command`` starts one worker given ``--fd N``, the inherited socket's descriptor. The
+    parent only supervises: it starts a new worker when one dies, and on SIGTERM or
+    SIGINT passes the signal on to every worker (a second one too: it ends their grace
+    period), waits for them, at most the grace period plus a margin, kills any left,
+    then re-raises the signal, as one process would. Workers run in their own process
+    group, so a terminal's Ctrl-C reaches the parent alone and each worker hears it once.
+    """
+
+    def __init__(
+        self, command: Sequence[str], count: int, sock: socket.socket, grace_seconds: float
+    ) -> None:
+        self._command = [*command, "--fd", str(sock.fileno())]
+        self._count = count
+        self._sock = sock
+        self._grace = grace_seconds
+        self._signals: list[int] = []
+        self._wake = threading.Event()
+
+    def run(self) -> int:
+        handled = (signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            status = self._supervise()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self._signals:
+            with suppress(KeyboardInterrupt):  # SIGINT's own handler raises it
+                signal.raise_signal(self._signals[0])
+        return status
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self._signals.append(sig)
+        self._wake.set()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        # The command is this program's own (cli.py), not input from anyone.
+        return subprocess.Popen(  # noqa: S603
+            self._command, pass_fds=[self._sock.fileno()], process_group=0
+        )
+
+    def _supervise(self) -> int:
+        workers = [self._start() for _ in range(self._count)]
+        logger.info("started %d workers: %s", self._count, ", ".join(str(w.pid) for w in workers))
+        status = 0
+        while not self._wake.wait(0.5):
+            for index, worker in enumerate(workers):
+                code = worker.poll()
+                if code is None:
+                    continue
+                if code > 0:  # it could not start, and would fail the same way again
+                    logger.error("worker %d could not start: stopping", worker.pid)
+                    self._wake.set()
+                    status = code
+                    break
+                logger.warning("worker %d exited (status %s): starting another", worker.pid, code)
+                workers[index] = self._start()
+        self._stop(workers)
+        return status
+
+    def _stop(self, workers: list[subprocess.Popen[bytes]]) -> None:
+        # The workers' copies of the socket keep it listening while they drain; once they
+        # have all closed theirs, connections are refused, not queued for nobody.
+        self._sock.close()
+        deadline = time.monotonic() + self._grace + WORKER_EXIT_MARGIN_SECONDS
+        if not self._signals:  # a worker failed: stop the others
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.terminate()
+        passed_on = 0
+        while any(worker.poll() is None for worker in workers):
+            for sig in self._signals[passed_on:]:
+                for worker in workers:
+                    if worker.poll() is None:
+                        worker.send_signal(sig)
+            passed_on = len(self._signals)
+            if time.monotonic() > deadline:
+                break
+            self._wake.clear()
+            self._wake.wait(0.1)
+        for worker in workers:
+            if worker.poll() is None:
+                logger.error("worker %d did not stop in time: killing it", worker.pid)
+                worker.kill()
+            worker.wait()

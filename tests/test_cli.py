@@ -136,7 +136,7 @@ def assert_graceful_exit(server: Server) -> None:
 def test_serve_help_documents_the_options():
     result = run("serve", "--help")
     assert result.returncode == 0, result.stderr
-    for option in ("--host", "--port", "--config", "--log-level"):
+    for option in ("--host", "--port", "--config", "--log-level", "--workers"):
         assert option in result.stdout
     assert "flux1.1-pro" in result.stdout  # says what the embedded default serves
 
@@ -227,6 +227,14 @@ def test_port_out_of_range_is_refused(port):
     result = run("serve", "--port", port)
     assert result.returncode == 2
     assert "--port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["0", "two"])
+def test_workers_must_be_a_positive_count(workers):
+    result = run("serve", "--workers", workers)
+    assert result.returncode == 2
+    assert "--workers" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import signal
 import socket
 import threading
@@ -42,6 +43,8 @@ spawn = test_cli.spawn  # the fixture that starts `flux-proxy` processes and sto
 BODY = {"model": "held", "prompt": "a lighthouse", "size": "64x48"}
 # Generous bounds only: they hold on a machine of any speed, and fail only on a hang.
 EXIT_MARGIN_SECONDS = 10.0
+# A loaded machine may take many seconds to start Python, the gateway and its plugins.
+START_SECONDS = 60.0
 
 
 class HeldUpstream:
@@ -71,7 +74,7 @@ def held(serve_upstream: ServeUpstream) -> Iterator[tuple[HeldUpstream, str]]:
 
 
 def start(
-    spawn: Callable[..., Server], tmp_path: Path, upstream_url: str, grace: float
+    spawn: Callable[..., Server], tmp_path: Path, upstream_url: str, grace: float, *args: str
 ) -> tuple[Server, str]:
     port = free_port()
     config = {
@@ -81,7 +84,7 @@ def start(
     }
     path = tmp_path / "flux-proxy.yaml"
     path.write_text(yaml.safe_dump(config))
-    server = spawn("serve", "--config", str(path))
+    server = spawn("serve", "--config", str(path), *args)
     base_url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -91,7 +94,7 @@ def start(
         except httpx.TransportError:
             return False
 
-    assert wait_for(ready, 15), server.output()
+    assert wait_for(ready, START_SECONDS), server.output()
     return server, base_url
 
 
@@ -229,3 +232,27 @@ def test_stragglers_are_ended_cleanly_when_the_grace_period_is_over(spawn, tmp_p
     log = assert_exits_cleanly(server, signalled, grace)
     assert "3 request(s) in flight" in log
     assert "grace period over, ending 3 request(s)" in log
+
+
+def test_each_worker_drains_and_the_parent_waits_for_them(spawn, tmp_path, held):
+    upstream, upstream_url = held
+    grace = 0.5
+    server, base_url = start(spawn, tmp_path, upstream_url, grace, "--workers", "2")
+    # One worker answering is not both: a worker still starting has nothing to drain.
+    assert wait_for(lambda: server.output().count("startup complete") == 2, START_SECONDS)
+    with ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(post, base_url) for _ in range(2)]
+        trickle = slow_body(base_url)
+        assert wait_for(lambda: upstream.arrived == 2, 15)
+        signalled = terminate(server)
+        cut = read_to_close(trickle)
+        finished = [answer.result(timeout=grace + EXIT_MARGIN_SECONDS) for answer in answers]
+    trickle.close()
+    # Whichever worker each request reached, it drained and ended it as one process does.
+    for answer in finished:
+        assert_shutting_down(answer)
+    assert cut == b"" or cut.startswith(b"HTTP/1.1 503 "), cut
+    log = assert_exits_cleanly(server, signalled, grace)
+    assert log.count("Application shutdown complete") == 2
+    ended = re.findall(r"grace period over, ending (\d+) request", log)
+    assert sum(int(count) for count in ended) == 3
