@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import httpx
+import orjson
 from aiohttp import ThreadedResolver
 from pydantic import ValidationError
 from starlette.datastructures import Headers
@@ -49,6 +50,7 @@ from flux_proxy.errors import (
 from flux_proxy.forward import Forwarder
 from flux_proxy.generation import Generator, render_json, render_stream
 from flux_proxy.health import Health
+from flux_proxy.openapi import OPENAPI_PATH, openapi_document
 from flux_proxy.plugins import load_registry
 from flux_proxy.routing import Router
 from flux_proxy.runtime import Runtime
@@ -121,6 +123,13 @@ class FluxProxy:
         probes = {"/healthz": self.health.live, "/readyz": self.health.ready}
         if not (health_paths or (health_paths is None and app is None)):
             probes = {}
+        # Rendered once: it describes the configuration, which does not change.
+        self._openapi_body = orjson.dumps(
+            openapi_document(
+                settings, health_paths=bool(probes), client_keys=bool(self._client_keys)
+            )
+        )
+        routes.append(_GatewayRoute(f"{prefix}{OPENAPI_PATH}", self._openapi, ["GET"]))
         # Probes come every few seconds: their lines go to debug, not the info log.
         routes += [
             _GatewayRoute(path, probe, ["GET"], log_level=logging.DEBUG)
@@ -182,6 +191,10 @@ class FluxProxy:
 
         with self._admission.admit(demand):
             return await unless_disconnected(request.receive, work)
+
+    async def _openapi(self, request: Request) -> Response:
+        """The OpenAPI document of the gateway's own routes (no client key needed)."""
+        return Response(self._openapi_body, media_type="application/json")
 
     async def _models(self, request: Request) -> Response:
         self._authenticate(request.headers)

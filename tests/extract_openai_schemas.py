@@ -1,9 +1,10 @@
-"""Regenerate tests/openai_schemas.json from OpenAI's published spec.
+"""Regenerate flux_proxy/openai_schemas.json from OpenAI's published spec.
 
     python tests/extract_openai_schemas.py ../shared/openai/openapi.yaml
 
 Keeps only the response schemas the gateway must satisfy, with the schemas they
-reference, so the tests need neither the 3 MB spec nor a YAML parse of it.
+reference, so neither the gateway's OpenAPI document (flux_proxy/openapi.py) nor the
+tests need the 3 MB spec or a YAML parse of it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 
 ROOTS = ["ErrorResponse", "ImagesResponse", "ListModelsResponse", "Model", "ImageGenStreamEvent"]
-OUT = Path(__file__).with_name("openai_schemas.json")
+OUT = Path(__file__).parents[1] / "flux_proxy" / "openai_schemas.json"
 
 
 def main(spec_path: str) -> None:

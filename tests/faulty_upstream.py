@@ -6,7 +6,8 @@ the gateway's connection gets a TCP RST where its answer should be. Every answer
 is not a fault is ``n`` copies of one pre-encoded PNG as ``b64_json``.
 
 ``FaultPlan.rate`` of the requests get a fault, its kind drawn evenly from ``kinds``,
-from a seeded generator so a run is repeatable. ``GET /health`` answers ``ok``.
+from a seeded generator so a run is repeatable. ``GET /health`` answers ``ok`` and
+``GET /stats`` the requests served so far, by outcome (JSON).
 
     python -m tests.faulty_upstream --port N --rate 0.05 --seed 1 [--parent PID]
 
@@ -85,8 +86,11 @@ class FaultyUpstream:
         method, path, _ = request_line.split(" ", 2)
         headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
         body = await reader.readexactly(int(headers.get("content-length") or 0))
-        if method == "GET" and path == "/health":
-            writer.write(_answer(200, b"ok", "text/plain"))
+        if method == "GET" and path in ("/health", "/stats"):
+            answer = b"ok" if path == "/health" else json.dumps(self.served).encode()
+            writer.write(
+                _answer(200, answer, "text/plain" if path == "/health" else "application/json")
+            )
             await writer.drain()
             return True
         if method != "POST" or not path.endswith("/images/generations"):

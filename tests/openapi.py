@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from flux_proxy.openapi import openai_schemas
+
 
 @cache
 def _document() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(Path(__file__).with_name("openai_schemas.json").read_text())
-    return loaded
+    return {"components": {"schemas": openai_schemas()}}
 
 
 def assert_matches(instance: Any, schema: str) -> None:

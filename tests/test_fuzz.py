@@ -6,7 +6,7 @@ and long keys beside the gateway's own parameters with plausible and absurd valu
 answer is checked: a 2xx carries images that Pillow decodes (hosted links fetched, a
 stream's events read), anything else is a 4xx in OpenAI's error shape.
 
-The gateway is the local renderer under tiny limits (64 pixels a side, two images), so
+The gateway is the local renderer under tiny limits (tests/in_process.TINY_LOCAL), so
 the bodies that are accepted render in milliseconds. The example count is fixed and the
 run derandomized, with no example database: CI sees the same examples every time.
 """
@@ -23,21 +23,12 @@ from hypothesis import strategies as st
 
 from flux_proxy import FluxProxy
 from tests.images import decode
+from tests.in_process import TINY_LOCAL, TINY_N, TINY_SIDE
 from tests.openapi import assert_matches
 from tests.sse import read_events
 
-MAX_SIDE = 64
-MAX_N = 2
-CONFIG = {
-    "limits": {"max_pixels": MAX_SIDE * MAX_SIDE, "max_side": MAX_SIDE, "max_n": MAX_N},
-    "models": {
-        "flux1.1-pro": {
-            "provider": "local",
-            "aliases": ["flux-pro-1.1"],
-            "capabilities": {"default_size": "32x32"},
-        }
-    },
-}
+MAX_SIDE = TINY_SIDE
+MAX_N = TINY_N
 
 # Any code point. Hypothesis' default alphabet is worked out from the UTF-8 codec on
 # first use, which takes seconds on a fresh machine (CI); this one costs nothing.
@@ -182,7 +173,7 @@ def _b64(text: str) -> bytes:
 
 
 def test_arbitrary_json_gets_an_image_or_an_openai_4xx_never_a_5xx():
-    app = FluxProxy(CONFIG, environ={})
+    app = FluxProxy(TINY_LOCAL, environ={})
     answered: list[int] = []
     with asyncio.Runner() as runner:  # one loop for every example: the app is made once
 

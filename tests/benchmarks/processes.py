@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
@@ -61,6 +62,21 @@ def pinned(cpu: int | None) -> Callable[[], None] | None:
     if cpu is None:
         return None
     return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def run_quick(module: str, report: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m module --quick --json report`` from the checkout, as a smoke test
+    does; the output is captured, and a failure says what the run printed."""
+    completed = subprocess.run(
+        [sys.executable, "-m", module, "--quick", "--json", str(report)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a hang guard, not a measurement
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed
 
 
 def free_port() -> int:

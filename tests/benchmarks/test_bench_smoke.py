@@ -12,8 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -29,24 +27,14 @@ from tests.benchmarks.bench_gateway import (
     raw_pillow_encode,
 )
 from tests.benchmarks.load import H2Load, Load
+from tests.benchmarks.processes import run_quick
 from tests.benchmarks.readme_table import TARGETS, tables
 from tests.benchmarks.servers import bench_png
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_benchmark_runs_and_every_target_answers_correctly(tmp_path: Path) -> None:
     report_path = tmp_path / "bench.json"
-    report = str(report_path)
-    completed = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench_gateway", "--quick", "--json", report],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,  # a hang guard, not a measurement
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
+    completed = run_quick("tests.benchmarks.bench_gateway", report_path)
     written = json.loads(report_path.read_text())
     rows = {row["label"]: row for row in written["scenarios"]}
     assert sorted(rows) == sorted(s.label for s in QUICK.scenarios())
