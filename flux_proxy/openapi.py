@@ -27,11 +27,18 @@ GENERATION_ERRORS = {
     "413": "The body is larger than limits.max_body_bytes",
     "429": "The upstream rate-limits (its Retry-After is forwarded)",
     "502": "The upstream failed, rejected the gateway's own key, or sent a broken image",
-    "503": "Every provider of the model is skipped by its circuit breaker",
+    "503": "Every provider of the model is skipped by its circuit breaker, or the gateway "
+    "is shutting down",
     "504": "The upstream or the whole request took too long",
 }
-MODEL_ERRORS = {"401": GENERATION_ERRORS["401"], "404": "Unknown model"}
-FILE_ERRORS = {"403": "A bad or expired signature", "404": "The image has expired or never existed"}
+# While draining for a shutdown, every route but the probes answers 503 (drain.py).
+SHUTTING_DOWN = {"503": "The gateway is shutting down: send it again"}
+MODEL_ERRORS = {"401": GENERATION_ERRORS["401"], "404": "Unknown model", **SHUTTING_DOWN}
+FILE_ERRORS = {
+    "403": "A bad or expired signature",
+    "404": "The image has expired or never existed",
+    **SHUTTING_DOWN,
+}
 RETRY_AFTER_STATUSES = ("429", "503")
 # With `stream: true`, each server-sent event (OpenAPI 3.1: `schema` describes one event):
 # OpenAI's image events, the gateway's progress and report, or an error, as JSON text.
@@ -99,7 +106,7 @@ def openapi_document(
                 **secured,
                 "responses": {
                     "200": _json("The models", "ListModelsResponse"),
-                    **_errors({"401": GENERATION_ERRORS["401"]}),
+                    **_errors({"401": GENERATION_ERRORS["401"], **SHUTTING_DOWN}),
                 },
             }
         },
@@ -137,7 +144,10 @@ def openapi_document(
             "get": {
                 "operationId": "getOpenAPI",
                 "summary": "This document",
-                "responses": {"200": {"description": "OpenAPI 3.1", "content": _any_json()}},
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1", "content": _any_json()},
+                    **_errors(SHUTTING_DOWN),
+                },
             }
         },
     }
