@@ -4,7 +4,8 @@ process exits in bounded time, whatever its clients do (a slow body included).
 
 Each test runs one gateway process with every kind of client at once, against an
 upstream that holds each generation until the test lets it go: what is "in flight" is
-known from the upstream's side, never guessed from a sleep.
+known from the upstream's side, never guessed from a sleep. The answers that can only
+be cut (half written) are checked in process, on a GracefulServer in a thread.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import re
 import signal
 import socket
@@ -19,18 +21,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+import uvicorn
 import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from flux_proxy.drain import Drain
+from flux_proxy.serving import GracefulServer
 from tests import test_cli
 from tests.images import assert_image, make_image
 from tests.openapi import assert_openai_error
@@ -256,3 +263,98 @@ def test_each_worker_drains_and_the_parent_waits_for_them(spawn, tmp_path, held)
     assert log.count("Application shutdown complete") == 2
     ended = re.findall(r"grace period over, ending (\d+) request", log)
     assert sum(int(count) for count in ended) == 3
+
+
+# --- what is half written when the grace period ends (in process: quick) -------------------
+
+
+async def _half_written(scope: Scope, receive: Receive, send: Send) -> None:
+    """Starts an answer and never finishes it, in the shape its path names."""
+    if scope["type"] != "http":
+        return
+    shapes = {
+        "/body": ([(b"content-length", b"100")], b"ten bytes."),
+        "/mid-event": ([(b"content-type", b"text/event-stream")], b'data: {"forwarded'),
+        "/between-events": ([(b"content-type", b"text/event-stream")], b"data: {}\n\n"),
+    }
+    headers, first = shapes[scope["path"]]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": first, "more_body": True})
+    await anyio.sleep_forever()  # an upstream that never says more
+
+
+@contextmanager
+def graceful_server(app: ASGIApp, drain: Drain, grace: float) -> Iterator[GracefulServer]:
+    """A GracefulServer in a thread (no signals there: the test sets should_exit)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    # No log_config: uvicorn would replace the handlers of its loggers, the test's too.
+    config = uvicorn.Config(app, lifespan="off", log_config=None)
+    server = GracefulServer(config, drain, grace)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    assert wait_for(lambda: server.started, START_SECONDS)
+    server.config.port = sock.getsockname()[1]
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=grace + EXIT_MARGIN_SECONDS)
+        sock.close()
+        assert not thread.is_alive()
+
+
+def read_until_cut(url: str, started: threading.Semaphore) -> tuple[bytes, str | None]:
+    """The body read, and the error that ended it (None: a well-formed end)."""
+    received = b""
+    with httpx.stream("GET", url, timeout=30) as response:
+        started.release()
+        try:
+            for chunk in response.iter_raw():
+                received += chunk
+        except httpx.RemoteProtocolError as error:
+            return received, type(error).__name__
+    return received, None
+
+
+@pytest.fixture
+def server_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog, with uvicorn's own records too (its loggers may not reach the root's)."""
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    uvicorn_errors.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        uvicorn_errors.removeHandler(caplog.handler)
+
+
+def test_a_half_written_answer_is_cut_and_a_stream_ends_between_events(server_log):
+    drain = Drain(exempt_paths=(), on_begin=lambda: None)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await drain(_half_written, scope, receive, send)
+
+    started = threading.Semaphore(0)
+    with graceful_server(app, drain, grace=0.1) as server, ThreadPoolExecutor(3) as pool:
+        base_url = f"http://127.0.0.1:{server.config.port}"
+        paths = ["/body", "/mid-event", "/between-events"]
+        reads = [pool.submit(read_until_cut, base_url + path, started) for path in paths]
+        for _ in paths:
+            assert started.acquire(timeout=START_SECONDS)
+        server.should_exit = True
+        body, mid_event, between_events = (
+            read.result(timeout=EXIT_MARGIN_SECONDS) for read in reads
+        )
+    # Nothing more can be said inside a body or an event: the connection is cut.
+    assert body == (b"ten bytes.", "RemoteProtocolError")
+    assert mid_event[1] == "RemoteProtocolError"
+    assert b"shutting_down" not in mid_event[0]
+    # Between two events: an error event, then a proper end of the stream.
+    received, failure = between_events
+    assert failure is None
+    last = received.split(b"\n\n")[-2]
+    assert last.startswith(b"event: error\ndata: ")
+    assert json.loads(last.split(b"data: ", 1)[1])["error"]["code"] == "shutting_down"
+    assert "ending 3 request(s)" in server_log.text
+    # Nothing alarming: uvicorn logs an answer a handler left half written as an error.
+    assert not [record for record in server_log.records if record.levelno >= logging.ERROR]
