@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import random
 from typing import Any
 
 import httpx
@@ -287,6 +289,41 @@ def test_malformed_upstream_answers_are_502(start_gateway, payload):
     ) as url:
         gateway = start_gateway(config(url), environ={"UPSTREAM_KEY": "k"})
         assert_openai_error(post(gateway, size="64x64", response_format="b64_json"), 502)
+
+
+def test_base64_written_with_json_escapes_is_read_as_json_says(start_gateway):
+    """JSON may write "/" as "\\/" (PHP's encoder does): the text passed on is the
+    string the JSON holds, byte for byte the upstream's image; an escape that makes a
+    non-ASCII character is no base64, a 502."""
+    from PIL import Image
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    noise = Image.frombytes("RGB", (32, 32), random.Random(7).randbytes(32 * 32 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    png = buffer.getvalue()
+    text = base64.b64encode(png).decode()
+    assert "/" in text  # what the upstream escapes
+    answers = {
+        "escaped": text.replace("/", "\\/"),
+        "not ascii": text[:8] + "\\u00e9" + text[9:],
+    }
+
+    async def escaping(request):
+        form = (await request.json())["prompt"]
+        body = '{"created": 1, "data": [{"b64_json": "' + answers[form] + '"}]}'
+        return Response(body, media_type="application/json")
+
+    routes = [Route("/v1/images/generations", escaping, methods=["POST"])]
+    with serve(Starlette(routes=routes)) as url:
+        gateway = start_gateway(config(url), environ={"UPSTREAM_KEY": "k"})
+        answered = post(gateway, prompt="escaped", size="32x32", response_format="b64_json")
+        assert answered.status_code == 200, answered.text
+        assert base64.b64decode(answered.json()["data"][0]["b64_json"]) == png
+        refused = post(gateway, prompt="not ascii", size="32x32", response_format="b64_json")
+        assert_openai_error(refused, 502)
 
 
 @pytest.mark.anyio
