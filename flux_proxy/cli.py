@@ -124,7 +124,10 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     from flux_proxy import serving
     from flux_proxy.head_guard import http_protocol
+    from flux_proxy.memory import reuse_freed_buffers
 
+    # Each worker is such a process too (it runs this same command with --fd).
+    reuse_freed_buffers(os.environ)  # this process is the gateway's alone
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     grace = settings.server.shutdown_grace_seconds
