@@ -12,11 +12,13 @@ in pixels (``Demand``). Two checks run before anything is spent, upstream or in 
   ``limits.heavy_lane_pixels``), working or waiting. Past that a fast 503 with
   ``Retry-After``, instead of a queue every client waits in until it times out.
 
-Lanes by cost, not limits per client: what starves a gateway is heavy work, whoever sends
-it; the image threads have the same two lanes (``imaging.ImageWorker``), so a small
-request never waits behind a large one, neither to be admitted nor for a thread. A
-client flooding one lane meets 503s there; fairness between clients of the same lane is
-the ingress's to enforce (per-key rate limits), as it is for any other route.
+Lanes by cost first: what starves a gateway is heavy work, whoever sends it; the image
+threads have the same two lanes (``imaging.ImageWorker``), so a small request never
+waits behind a large one, neither to be admitted nor for a thread. Then, when the
+gateway has several client keys, one key holds at most ``limits.client_lane_share`` of a
+lane: past it that key gets a 429 with ``Retry-After`` while the others still get in.
+(Without keys there is no client identity worth the name: an address behind a proxy or
+a NAT is many clients, or one pretending to be many.)
 
 The counts are this process's: with several workers, each admits its own share.
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from flux_proxy.config import LimitSettings
-from flux_proxy.errors import InvalidRequest, Overloaded
+from flux_proxy.errors import InvalidRequest, Overloaded, RateLimited
 from flux_proxy.imaging import SLOW_ENCODERS
 
 # Seconds a refused client is told to wait: about one light request's time, and a
@@ -53,19 +55,36 @@ class Lane:
         self.name = name
         self.capacity = capacity
         self.admitted = 0  # pixels x n of the requests in this lane now
+        # The same per client key (by its index), for the keys holding any now.
+        self.by_client: dict[int, int] = {}
+
+    def take(self, cost: int, client: int | None) -> None:
+        self.admitted += cost
+        if client is not None:
+            self.by_client[client] = self.by_client.get(client, 0) + cost
+
+    def give_back(self, cost: int, client: int | None) -> None:
+        self.admitted -= cost
+        if client is not None:
+            left = self.by_client.pop(client) - cost
+            if left:
+                self.by_client[client] = left
 
 
 class Ticket:
     """One admitted request's place in its lane, given back once (by ``release`` or the
     ``with`` block's end) when the request is done."""
 
-    def __init__(self, lane: Lane, cost: int) -> None:
+    def __init__(self, lane: Lane, cost: int, client: int | None) -> None:
         self._lane = lane
         self._cost = cost
+        self._client = client
+        self._held = True
 
     def release(self) -> None:
-        self._lane.admitted -= self._cost
-        self._cost = 0
+        if self._held:
+            self._held = False
+            self._lane.give_back(self._cost, self._client)
 
     def __enter__(self) -> Ticket:
         return self
@@ -85,19 +104,31 @@ class Admission:
         self._light = Lane("light", limits.light_lane_pixels)
         self._heavy = Lane("heavy", limits.heavy_lane_pixels)
 
-    def admit(self, demand: Demand) -> Ticket:
-        """A ticket for ``demand``, or the 400 (over budget) or 503 (lane full) refusing it."""
+    def admit(self, demand: Demand, client: int | None = None) -> Ticket:
+        """A ticket for ``demand`` (sent with client key number ``client``, None when keys
+        are not shared), or the 400 (over budget), 429 (the key's share of its lane in
+        use) or 503 (lane full) refusing it."""
         self._check_budget(demand)
         lane = self._lane(demand)
+        cost = demand.total
+        retry_after = RETRY_AFTER[lane.name]
+        held = lane.by_client.get(client, 0) if client is not None else 0
+        # A key holding nothing yet always gets its turn (the lane permitting).
+        if held and held + cost > lane.capacity * self._limits.client_lane_share:
+            raise RateLimited(
+                f"This API key has its share of the gateway's {lane.name} image capacity "
+                f"in use; retry in {retry_after} s.",
+                headers={"Retry-After": str(retry_after)},
+            )
         # Alone in its lane, a request within budget always gets in, whatever the settings.
-        if lane.admitted and lane.admitted + demand.total > lane.capacity:
+        if lane.admitted and lane.admitted + cost > lane.capacity:
             raise Overloaded(
                 f"The gateway is at capacity for {lane.name} image requests; "
-                f"retry in {RETRY_AFTER[lane.name]} s.",
-                retry_after=RETRY_AFTER[lane.name],
+                f"retry in {retry_after} s.",
+                retry_after=retry_after,
             )
-        lane.admitted += demand.total
-        return Ticket(lane, demand.total)
+        lane.take(cost, client)
+        return Ticket(lane, cost, client)
 
     def _lane(self, demand: Demand) -> Lane:
         light = demand.total <= self._limits.light_request_pixels

@@ -164,7 +164,9 @@ class FluxProxy:
     # --- routes -----------------------------------------------------------------
 
     async def _generations(self, request: Request) -> Response | None:
-        self._authenticate(request.headers)
+        client = self._authenticate(request.headers)
+        # One key's share of a lane is bounded only when there are others to share with.
+        sharing = client if len(self._client_keys) > 1 else None
         payload = await self._json_body(request)
         image_request = _validate(payload)
         model_name = image_request.model or self.router.default_model()
@@ -176,7 +178,7 @@ class FluxProxy:
         demand = self._generator.demand(image_request, model)
         if image_request.stream:
             self._generator.check(image_request, model, public_url)
-            ticket = self._admission.admit(demand)  # last: nothing after it may refuse
+            ticket = self._admission.admit(demand, sharing)  # last: nothing after it may refuse
             return render_stream(
                 lambda progress: self._generator.generate(
                     image_request, model, public_url, progress
@@ -189,7 +191,7 @@ class FluxProxy:
             result = await self._generator.generate(image_request, model, public_url)
             return render_json(image_request, result, sent, self.settings)
 
-        with self._admission.admit(demand):
+        with self._admission.admit(demand, sharing):
             return await unless_disconnected(request.receive, work)
 
     async def _openapi(self, request: Request) -> Response:
@@ -242,16 +244,20 @@ class FluxProxy:
             "description": route.description,
         }
 
-    def _authenticate(self, headers: Headers) -> None:
+    def _authenticate(self, headers: Headers) -> int | None:
+        """Check the client key; which of them it is (its index), None when none is asked."""
         if not self._client_keys:
-            return
+            return None
         scheme, _, key = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key:
             raise AuthenticationFailed(
                 "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
             )
-        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in self._client_keys):
+        # Every key compared, so the time taken does not say which one nearly matched.
+        matches = [hmac.compare_digest(key.encode(), k.encode()) for k in self._client_keys]
+        if not any(matches):
             raise AuthenticationFailed("Incorrect API key provided.")
+        return matches.index(True)
 
     async def _json_body(self, request: Request) -> dict[str, Any]:
         limit = self.settings.limits.max_body_bytes

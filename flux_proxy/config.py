@@ -136,6 +136,9 @@ class LimitSettings(_Section):
     # Retry-After. A request alone in its lane is always admitted.
     light_lane_pixels: int = Field(256 * 1024 * 1024, ge=1)
     heavy_lane_pixels: int = Field(8 * 4096 * 4096, ge=1)
+    # With several client keys: the share of a lane one key may hold; past it a 429 with
+    # Retry-After for that key, while the others still get in.
+    client_lane_share: float = Field(0.5, gt=0, le=1)
     # Largest image the gateway will download from an upstream URL.
     max_fetch_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 

@@ -23,7 +23,7 @@ from starlette.routing import Route
 from flux_proxy import FluxProxy
 from flux_proxy.admission import Admission, Demand
 from flux_proxy.config import DEFAULT_MIDDLEWARES, LimitSettings
-from flux_proxy.errors import InvalidRequest, Overloaded
+from flux_proxy.errors import InvalidRequest, Overloaded, RateLimited
 from flux_proxy.hookspecs import RegisterMiddleware, hookimpl
 from flux_proxy.imaging import ImageWorker
 from flux_proxy.pipeline import CallNext, Layer
@@ -75,6 +75,16 @@ def holding(serve_upstream: Callable[[Any], str]) -> Iterator[tuple[HoldingUpstr
         upstream.release.set()  # a failed test must not leave the server's thread waiting
 
 
+def config_for(url: str, **limits: Any) -> dict[str, Any]:
+    """The gateway's settings: model ``up`` on the holding upstream, LIMITS and ``limits``."""
+    entry = {
+        "provider": "openai",
+        "base_url": f"{url}/v1",
+        "options": {"response_format": "b64_json"},
+    }
+    return {"limits": {**LIMITS, **limits}, "models": {"up": entry}}
+
+
 def image_request(size: tuple[int, int], fmt: str) -> dict[str, Any]:
     return {
         "model": "up",
@@ -94,12 +104,7 @@ async def test_a_full_heavy_lane_refuses_at_once_and_light_requests_go_by(
     holding: tuple[HoldingUpstream, str], start_gateway: Callable[..., str]
 ) -> None:
     upstream, url = holding
-    entry = {
-        "provider": "openai",
-        "base_url": f"{url}/v1",
-        "options": {"response_format": "b64_json"},
-    }
-    gateway = start_gateway({"limits": LIMITS, "models": {"up": entry}})
+    gateway = start_gateway(config_for(url))
     heavy = image_request(HEAVY, "avif")  # transcoded by the gateway: real AVIF work
     answers: list[httpx.Response] = []
     async with httpx.AsyncClient(base_url=f"{gateway}/v1", timeout=PATIENCE) as client:
@@ -132,6 +137,46 @@ async def test_a_full_heavy_lane_refuses_at_once_and_light_requests_go_by(
     assert len(answers) == 2
     for answer in [*answers, again]:
         assert_image(image_of(answer), "avif", HEAVY)
+
+
+async def test_one_client_key_gets_its_share_of_a_lane_and_the_others_still_get_in(
+    holding: tuple[HoldingUpstream, str], start_gateway: Callable[..., str]
+) -> None:
+    upstream, url = holding
+    # Room for three heavy requests; half of it for one key: a second one is over.
+    config = config_for(url, heavy_lane_pixels=3 * 256 * 256, client_lane_share=0.5)
+    gateway = start_gateway(config, environ={"FLUX_PROXY_API_KEYS": "alice,bob"})
+    heavy = image_request(HEAVY, "png")
+    answers: list[httpx.Response] = []
+
+    async def post(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.post("/images/generations", json=heavy)
+
+    async with (
+        httpx.AsyncClient(
+            base_url=f"{gateway}/v1", timeout=PATIENCE, headers={"Authorization": "Bearer alice"}
+        ) as alice,
+        httpx.AsyncClient(
+            base_url=f"{gateway}/v1", timeout=PATIENCE, headers={"Authorization": "Bearer bob"}
+        ) as bob,
+    ):
+
+        async def send(client: httpx.AsyncClient) -> None:
+            answers.append(await post(client))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(send, alice)
+            assert await anyio.to_thread.run_sync(wait_for, lambda: upstream.held == 1, PATIENCE)
+            refused = await post(alice)
+            error = assert_openai_error(refused, 429)
+            assert error["code"] == "rate_limit_exceeded"
+            assert int(refused.headers["retry-after"]) > 0
+            group.start_soon(send, bob)  # another key: the lane has room for it
+            assert await anyio.to_thread.run_sync(wait_for, lambda: upstream.held == 2, PATIENCE)
+            upstream.release.set()
+        again = await post(alice)  # its place is back
+    for answer in [*answers, again]:
+        assert_image(image_of(answer), "png", HEAVY)
 
 
 @pytest.mark.parametrize(
@@ -169,6 +214,24 @@ def test_a_lane_admits_up_to_its_capacity_and_a_lone_request_always() -> None:
     second.release()
     with pytest.raises(InvalidRequest):
         admission.admit(Demand(pixels=limits.max_request_pixels, n=2, fmt="png"))
+
+
+def test_a_client_keys_share_of_a_lane_is_bounded_and_given_back() -> None:
+    limits = LimitSettings(light_request_pixels=100, light_lane_pixels=400, client_lane_share=0.5)
+    admission = Admission(limits)
+    light = Demand(pixels=100, n=1, fmt="png")
+    held = [admission.admit(light, client=0), admission.admit(light, client=0)]
+    with pytest.raises(RateLimited) as over:
+        admission.admit(light, client=0)  # its half of the lane is in use
+    assert over.value.status_code == 429 and over.value.headers["Retry-After"] == "1"
+    with admission.admit(light, client=1), admission.admit(light):  # others get in
+        pass
+    held.pop().release()
+    held.pop().release()
+    held.append(admission.admit(light, client=0))  # given back, taken again
+    held[0].release()
+    held[0].release()  # once only: a second release changes nothing
+    admission.admit(light, client=0).release()
 
 
 async def test_light_image_work_runs_while_the_heavy_threads_are_busy() -> None:
