@@ -51,6 +51,8 @@ class Demand:
 
 
 class Lane:
+    """Requests of one kind (light or heavy) admitted now, in pixels x n: in all, and per key."""
+
     def __init__(self, name: str, capacity: int) -> None:
         self.name = name
         self.capacity = capacity

@@ -126,7 +126,7 @@ class LimitSettings(_Section):
     image_workers: int = Field(2, ge=1)
     light_image_workers: int = Field(1, ge=1)
     # One request's budget, pixels x n: above it a 400, before anything is spent. AVIF
-    # has its own, smaller one: its encoder costs ~0.5-1.5 s of CPU per megapixel.
+    # has its own, smaller one: its encoder costs ~1 s of CPU per megapixel (imaging.py).
     max_request_pixels: int = Field(4 * 4096 * 4096, ge=1)
     max_avif_pixels: int = Field(4096 * 4096, ge=1)
     # Requests of at most this many pixels x n, in a fast format, are light: their own
