@@ -252,16 +252,25 @@ async def test_light_image_work_runs_while_the_heavy_threads_are_busy() -> None:
 
 async def test_a_caller_that_gives_up_frees_itself_not_the_thread() -> None:
     worker = ImageWorker(1)
-    release, ran = threading.Event(), []
+    started, release, ran = threading.Event(), threading.Event(), []
 
     def job(name: str) -> str:
+        started.set()
         release.wait(PATIENCE)
         ran.append(name)
         return name
 
-    with anyio.move_on_after(0.1) as gave_up:
-        await worker.run(job, "first")  # blocked in its thread
-    assert gave_up.cancelled_caught and ran == []
+    async with anyio.create_task_group() as group:
+        waiting = anyio.CancelScope()
+
+        async def first() -> None:
+            with waiting:
+                await worker.run(job, "first")
+
+        group.start_soon(first)
+        assert await anyio.to_thread.run_sync(started.wait, PATIENCE)  # in its thread now
+        waiting.cancel()  # the caller gives up: its task ends, the job does not
+    assert ran == []
     with anyio.move_on_after(0.1):
         await worker.run(job, "dropped")  # queued behind it; given up before it started
     release.set()
@@ -274,6 +283,7 @@ async def test_a_caller_that_gives_up_frees_itself_not_the_thread() -> None:
 class GatedLayer(Layer):
     """Image work that waits for the test's word, in the gateway's image threads."""
 
+    started = threading.Event()
     release = threading.Event()
     finished = threading.Event()
 
@@ -281,11 +291,12 @@ class GatedLayer(Layer):
         self._runtime = runtime
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
-        result = await call_next(job)
+        # First thing: the deadline below is long next to getting this to its thread.
         await self._runtime.images.run(self._work, pixels=job.n)
-        return result
+        return await call_next(job)
 
     def _work(self) -> None:
+        self.started.set()
         self.release.wait(PATIENCE)
         self.finished.set()
 
@@ -297,16 +308,16 @@ class GatedPlugin:
 
 
 async def test_the_request_deadline_answers_while_pillow_still_works() -> None:
-    GatedLayer.release.clear()
-    GatedLayer.finished.clear()
-    config = {"limits": {"request_timeout": 0.5}, "middlewares": ["gated", *DEFAULT_MIDDLEWARES]}
+    for event in (GatedLayer.started, GatedLayer.release, GatedLayer.finished):
+        event.clear()
+    config = {"limits": {"request_timeout": 1.0}, "middlewares": ["gated", *DEFAULT_MIDDLEWARES]}
     app = FluxProxy(config, environ={}, plugins=[GatedPlugin()])
     try:
         response = await generate(app, prompt="a harbour", size="64x64")
         error = assert_openai_error(response, 504)
         assert error["code"] == "upstream_timeout"
         # Answered while the thread's work was still held: the deadline did not wait for it.
-        assert not GatedLayer.finished.is_set()
+        assert GatedLayer.started.is_set() and not GatedLayer.finished.is_set()
     finally:
         GatedLayer.release.set()
     assert await anyio.to_thread.run_sync(GatedLayer.finished.wait, PATIENCE)
