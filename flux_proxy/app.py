@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -50,6 +51,7 @@ from flux_proxy.errors import (
 from flux_proxy.forward import Forwarder
 from flux_proxy.generation import Generator, render_json, render_stream
 from flux_proxy.health import Health
+from flux_proxy.hosts import host_matches
 from flux_proxy.openapi import OPENAPI_PATH, openapi_document
 from flux_proxy.plugins import load_registry
 from flux_proxy.routing import Router
@@ -92,6 +94,7 @@ class FluxProxy:
         self._admission = Admission(settings.limits)
         self._app = app
         self._prefix = settings.server.api_prefix
+        self._allowed_hosts = [host.strip().lower() for host in settings.server.allowed_hosts]
         self._client_keys = [
             key.strip()
             for key in (self.runtime.secret(settings.auth.api_keys_env) or "").split(",")
@@ -301,13 +304,27 @@ class FluxProxy:
             )
         return payload
 
-    def _public_url(self, request: Request) -> str:
+    def _public_url(self, request: Request) -> str | None:
+        """The base of hosted-image links: ``server.public_url``, else the request's
+        own scheme and Host when ``server.allowed_hosts`` lists the Host, else None
+        (no link is built from a Host the operator did not list)."""
         configured = self.settings.server.public_url
         if configured:
             return configured.rstrip("/") + self._prefix
+        if not self._allowed_host(request.url.netloc):
+            return None
         # root_path, not Starlette's app-level base_url: under a Mount it carries the prefix.
         root = request.scope.get("root_path", "")
         return f"{request.url.scheme}://{request.url.netloc}{root}{self._prefix}"
+
+    def _allowed_host(self, netloc: str) -> bool:
+        if "*" in self._allowed_hosts:
+            return True
+        try:
+            host = (urlsplit(f"//{netloc}").hostname or "").rstrip(".")
+        except ValueError:  # not a host at all ("[::1", say)
+            return False
+        return any(host_matches(host, pattern) for pattern in self._allowed_hosts)
 
     # --- what is not the gateway's, and the lifespan ---------------------------------
 

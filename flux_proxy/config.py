@@ -74,6 +74,10 @@ class ServerSettings(_Section):
     api_prefix: str = "/v1"
     # Base URL for links to hosted images; by default taken from each request's Host.
     public_url: str | None = None
+    # With no public_url: the Hosts links may be built from. Names, "*.domain" for any
+    # host below domain, "*" for any (Starlette's TrustedHostMiddleware patterns). A
+    # request for a url answer with another Host is refused (400) before any upstream call.
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["*"])
     # /healthz and /readyz at the root, outside api_prefix and without client keys.
     # Unset: on when the gateway serves alone, off when it is mounted in a host app
     # (whose own paths these must not shadow unless asked to).

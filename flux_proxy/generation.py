@@ -83,7 +83,7 @@ class Generator:
         fmt = request.target_format or self._settings.defaults.output_format
         return Demand(pixels=target.width * target.height, n=request.n, fmt=fmt)
 
-    def check(self, request: ImageRequest, model: ModelRoute, public_url: str) -> None:
+    def check(self, request: ImageRequest, model: ModelRoute, public_url: str | None) -> None:
         """Reject bad input before a streaming response commits to 200."""
         job = self._job(request, model.targets[0], public_url)
         self._stack.check(job)
@@ -104,7 +104,7 @@ class Generator:
         self,
         request: ImageRequest,
         model: ModelRoute,
-        public_url: str,
+        public_url: str | None,
         progress: ProgressSink | None = None,
     ) -> ImageResult:
         """Run the stack against each of the model's providers until one answers."""
@@ -121,7 +121,7 @@ class Generator:
         self,
         request: ImageRequest,
         model: ModelRoute,
-        public_url: str,
+        public_url: str | None,
         progress: ProgressSink | None,
     ) -> ImageResult:
         failed: list[str] = []
@@ -187,7 +187,7 @@ class Generator:
         raise _all_skipped(model, skipped)
 
     @staticmethod
-    def _job(request: ImageRequest, target: Target, public_url: str) -> ImageJob:
+    def _job(request: ImageRequest, target: Target, public_url: str | None) -> ImageJob:
         return ImageJob(
             request=request,
             target=target,

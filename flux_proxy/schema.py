@@ -374,8 +374,9 @@ class ImageJob:
     request: ImageRequest  # as the client sent it; never changed
     target: Target  # the provider serving this attempt
     report: Report
-    # Base URL under which the gateway serves its own routes (for hosted images).
-    public_url: str
+    # Base URL under which the gateway serves its own routes (for hosted images); None
+    # when no link may be built for this request (its Host is not an allowed one).
+    public_url: str | None
     n: int = 1
     width: int | None = None  # size the layers below should make
     height: int | None = None

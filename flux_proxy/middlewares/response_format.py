@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from pydantic import BaseModel
 
-from flux_proxy.errors import StoreUnavailable
+from flux_proxy.errors import InvalidRequest, StoreUnavailable
 from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE, encode
 from flux_proxy.pipeline import CallNext, Layer
 from flux_proxy.runtime import Runtime
@@ -33,6 +33,15 @@ class ResponseFormatMiddleware(Layer):
         wanted = job.request.response_format or self._default
         # A streamed completed event carries the image's bytes whatever the format.
         keep = self._keep_upstream_urls and wanted == "url" and not job.request.stream
+        public_url = job.public_url
+        if wanted == "url" and public_url is None:
+            # Before the upstream is paid for: no link could carry the answer.
+            raise InvalidRequest(
+                "The gateway builds no image link for this request's Host: it is not one "
+                "of server.allowed_hosts, and server.public_url is unset. Ask for "
+                "response_format 'b64_json', or reach the gateway by a host it serves.",
+                code="untrusted_host",
+            )
         if wanted == "url" and not keep and not job.request.stream:
             # The store failed a moment ago: no provider is paid for an image it cannot keep.
             problem = self._runtime.store.known_problem()
@@ -56,7 +65,8 @@ class ResponseFormatMiddleware(Layer):
                 await self._with_text(image)
                 image.url = None
         # All at once: n images wait for one store round trip, not n in a row.
-        links = await asyncio.gather(*(self._host(image, job.public_url) for image in to_host))
+        assert public_url is not None or not to_host  # a url answer without one: refused
+        links = await asyncio.gather(*(self._host(image, public_url or "") for image in to_host))
         for image, link in zip(to_host, links, strict=True):
             image.url = link
         hosted = len(to_host)
