@@ -8,7 +8,8 @@ sends its headers a byte at a time, or never sends any, is held open for ever;
 and with httptools, the parser it runs when installed, a head of any size is read
 (2 MB of headers were answered 200 when tried). Here a connection must deliver
 each request head within ``limits.client_header_timeout`` of opening or of its
-last answer (then 408, as nginx's ``client_header_timeout``), and no bigger than
+last answer (then 408, as nginx's ``client_header_timeout``; a connection that
+sent no byte of one is just closed), and no bigger than
 ``h11_max_incomplete_event_size`` (then 431); either way the connection is
 closed. A request body's deadline is the gateway's own
 (``limits.client_body_timeout``, flux_proxy/app.py), so it holds when mounted too.
@@ -64,7 +65,16 @@ class _HeadGuard:
     def awaiting(self, transport: asyncio.Transport) -> None:
         """A head is due now: from here it has ``seconds`` to arrive."""
         self.arrived()
-        self._timer = self._loop.call_later(self._seconds, _refuse, transport, _TOO_SLOW)
+        self._timer = self._loop.call_later(self._seconds, self._expired, transport)
+
+    def _expired(self, transport: asyncio.Transport) -> None:
+        self._timer = None
+        if self._received:
+            _refuse(transport, _TOO_SLOW)
+        else:
+            # Not a byte of a request: an idle connection, closed without a word. An
+            # answer here would be read as the answer to the next request sent on it.
+            transport.close()
 
     def arrived(self) -> None:
         if self._timer is not None:

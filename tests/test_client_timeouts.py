@@ -81,9 +81,9 @@ def test_headers_sent_too_slowly_get_a_408_and_the_connection_closes(address):
     assert_openai_error_body(body, "request_timeout")
 
 
-def test_a_connection_that_sends_nothing_is_closed(address):
-    status, _, _ = answer(exchange(address, b""))
-    assert status == 408
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(address):
+    # An answer on an idle connection would be read as the answer to its next request.
+    assert exchange(address, b"") == b""
 
 
 def test_a_body_sent_too_slowly_gets_a_408_and_the_connection_closes(address):

@@ -253,3 +253,15 @@ async def test_a_post_on_a_stale_connection_is_never_resent(stale_server):
     assert first.text == "ok"
     # A submit may have been acted on before the connection closed: it is sent once.
     assert stale_server.requests == ["POST", "POST"]
+
+
+def test_a_refused_image_url_fails_over_to_the_next_provider(serve_upstream, start_gateway):
+    tricky, honest = RecordingUpstream(), RecordingUpstream()
+    tricky_url = serve_upstream(tricky.app())
+    tricky.url_base = tricky_url.replace("http://", "http://user:secret@")
+    entries = [
+        gateway_config(url)["models"]["up"] for url in (tricky_url, serve_upstream(honest.app()))
+    ]
+    response = generate(start_gateway({"models": {"up": {"providers": entries}}}))
+    assert response.status_code == 200, response.text
+    assert (len(tricky.requests), tricky.downloads, len(honest.downloads)) == (1, [], 1)
