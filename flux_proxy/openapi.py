@@ -21,10 +21,12 @@ IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "imag
 
 # Why each route answers each error status (the README's error table, per route).
 GENERATION_ERRORS = {
-    "400": "Invalid JSON or parameter (`param` names it), or a moderation refusal",
+    "400": "Invalid JSON or parameter (`param` names it), a moderation refusal, or a url "
+    "answer asked with a Host that is not in server.allowed_hosts (`untrusted_host`)",
     "401": "Client keys are configured and the key is missing or wrong",
     "404": "Unknown model",
-    "413": "The body is larger than limits.max_body_bytes",
+    "408": "The body did not arrive within limits.client_body_timeout (connection closed)",
+    "413": "The body is larger than limits.max_body_bytes (connection closed)",
     "429": "The upstream rate-limits (its Retry-After is forwarded)",
     "502": "The upstream failed, rejected the gateway's own key, or sent a broken image",
     "503": "Every provider of the model is skipped by its circuit breaker, or the gateway "
