@@ -22,7 +22,7 @@ from flux_proxy.errors import UpstreamError, UpstreamTimeout
 from flux_proxy.imaging import check_pixels, probe
 from flux_proxy.peek import ImageBytes, is_complete, pixel_size, sniff_format
 from flux_proxy.schema import GeneratedImage
-from flux_proxy.upstream import AnswerTooLarge, send_capped
+from flux_proxy.upstream import AnswerTooLarge, client_send, send_capped
 
 
 class ImageFetcher:
@@ -50,7 +50,7 @@ class ImageFetcher:
             # The same capped read as every upstream answer: refused at the cap, never
             # held whole first.
             response = await send_capped(
-                http, http.build_request("GET", url), max_bytes=self._max_bytes
+                client_send(http), http.build_request("GET", url), max_bytes=self._max_bytes
             )
         except AnswerTooLarge:
             raise UpstreamError("The upstream image is larger than the gateway accepts.") from None

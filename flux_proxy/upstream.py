@@ -178,9 +178,20 @@ def upstream_transport_errors(provider: str) -> Iterator[None]:
         ) from None
 
 
-async def send_capped(
-    http: httpx.AsyncClient, request: httpx.Request, *, max_bytes: int
-) -> httpx.Response:
+# Sends a built request and answers with its response still streaming.
+Send = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def client_send(http: httpx.AsyncClient) -> Send:
+    """``http.send``, streamed: for a client that is not the gateway's own."""
+
+    async def send(request: httpx.Request) -> httpx.Response:
+        return await http.send(request, stream=True)
+
+    return send
+
+
+async def send_capped(send: Send, request: httpx.Request, *, max_bytes: int) -> httpx.Response:
     """Send ``request`` and read the answer, refusing (502) one larger than ``max_bytes``.
 
     The answer is read as it arrives and given up at the cap (or at once when its
@@ -194,17 +205,15 @@ async def send_capped(
     budget = request.extensions.get("timeout", {}).get("read")
     try:
         with anyio.fail_after(budget):
-            return await _read_capped(http, request, max_bytes)
+            return await _read_capped(send, request, max_bytes)
     except TimeoutError:
         raise httpx.ReadTimeout(
             f"The upstream exchange took longer than {budget:g} seconds.", request=request
         ) from None
 
 
-async def _read_capped(
-    http: httpx.AsyncClient, request: httpx.Request, max_bytes: int
-) -> httpx.Response:
-    response = await http.send(request, stream=True)
+async def _read_capped(send: Send, request: httpx.Request, max_bytes: int) -> httpx.Response:
+    response = await send(request)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -254,9 +263,12 @@ class Upstream:
         hosts: KeyHosts,
         guard: Callable[[str], Awaitable[None]],
         max_bytes: int,
+        send: Send | None = None,
     ) -> None:
+        """``send`` takes the requests ``http`` builds (default: ``http.send``)."""
         self.provider = provider
         self._http = http
+        self._send = send or client_send(http)
         self._secrets = [key] if key else []
         self._auth = dict(auth)
         self.hosts = hosts
@@ -296,7 +308,7 @@ class Upstream:
                 method, url, json=json, params=params, headers={**self._auth, **(headers or {})}
             )
             return await send_capped(
-                self._http,
+                self._send,
                 request,
                 max_bytes=max_bytes if max_bytes is not None else self.max_bytes,
             )

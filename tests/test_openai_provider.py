@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import random
 from typing import Any
 
@@ -289,6 +290,16 @@ def test_malformed_upstream_answers_are_502(start_gateway, payload):
     ) as url:
         gateway = start_gateway(config(url), environ={"UPSTREAM_KEY": "k"})
         assert_openai_error(post(gateway, size="64x64", response_format="b64_json"), 502)
+
+
+def test_each_upstream_call_is_logged_as_httpx_logs_its_requests(recorder, start_gateway, caplog):
+    """Provider calls go past httpx's client straight to its transport (runtime.send);
+    the request line httpx writes for each is written all the same."""
+    caplog.set_level(logging.INFO, logger="httpx")
+    gateway = start_gateway(config(recorder.url), environ={"UPSTREAM_KEY": SECRET})
+    assert post(gateway, size="64x64").status_code == 200
+    line = f'HTTP Request: POST {recorder.url}/v1/images/generations "HTTP/1.1 200 OK"'
+    assert line in caplog.text
 
 
 def test_base64_written_with_json_escapes_is_read_as_json_says(start_gateway):

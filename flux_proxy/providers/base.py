@@ -236,6 +236,7 @@ class UpstreamProvider(Generic[SpecT, OptionsT]):
         return Upstream(
             provider=self.name,
             http=runtime.http,
+            send=runtime.send,
             key=key,
             auth={self.key_header: f"{self.key_prefix}{key}"} if key else {},
             hosts=entry.hosts,
