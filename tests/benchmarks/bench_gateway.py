@@ -519,7 +519,7 @@ def verdicts(plan: Plan, results: Sequence[Result], encode: dict[str, RawEncode]
             four.p50_ms <= 1.15 * one.p50_ms,
         )
     )
-    out.append(linearity(plan, at))
+    out.append(linearity(plan, results))
     rss = peak[g["b"], "flux-pass", high]
     out.append(Verdict(f"(g) b64 c={high}: flux-pass peak RSS <= 150 MiB", f"{rss:.0f} MiB",
                        rss <= 150))  # fmt: skip
@@ -531,23 +531,30 @@ def verdicts(plan: Plan, results: Sequence[Result], encode: dict[str, RawEncode]
     return out
 
 
-def linearity(plan: Plan, at: dict[tuple[str, str, int], Measured]) -> Verdict:
-    """Cost per request (1 / req/s on a saturated CPU) against the answer's bytes: the
-    large image may cost no more than 1.15x the line through the small and middle ones."""
+def linearity(plan: Plan, results: Sequence[Result]) -> Verdict:
+    """Cost per request against the answer's bytes: the large image may cost no more
+    than 1.15x the line through the small and middle ones. The cost is the server's
+    CPU time per request, which other work on the machine barely moves; where /proc
+    cannot tell it, 1 / req/s (the same on a saturated CPU)."""
     mid = plan.levels[1]
     g = plan.groups()
-    points = []
-    for key, side in zip(("f-small", "b", "f-large"), plan.sides, strict=True):
-        measured = at[g[key], "flux-pass", mid]
-        points.append((side * side, 1000 / measured.rps))  # pixels stand in for bytes
+    at = {(r.scenario.group, r.scenario.target, r.scenario.concurrency): r for r in results}
+    rows = [at[g[key], "flux-pass", mid] for key in ("f-small", "b", "f-large")]
+    by_cpu = all(not math.isnan(r.cpu.per_request_ms) for r in rows)
+    points = [
+        # pixels stand in for bytes
+        (side * side, r.cpu.per_request_ms if by_cpu else 1000 / r.measured.rps)
+        for side, r in zip(plan.sides, rows, strict=True)
+    ]
     (x0, y0), (x1, y1), (x2, y2) = points
+    unit = "CPU ms/request" if by_cpu else "ms/request (1 / req/s)"
     costs = ", ".join(f"{y:.2f}" for _, y in points)
     if y1 <= y0:  # noise larger than the cost of the bytes: no line to extend
         return Verdict(f"(f) b64 c={mid}: cost grows linearly with bytes", costs, None)
     predicted = y1 + (y1 - y0) / (x1 - x0) * (x2 - x1)
     return Verdict(
         f"(f) b64 c={mid}: cost grows linearly with bytes",
-        f"{y2 / predicted:.2f}x the line through the smaller two (ms/request: {costs})",
+        f"{y2 / predicted:.2f}x the line through the smaller two ({unit}: {costs})",
         y2 <= 1.15 * predicted,
     )
 
