@@ -52,11 +52,22 @@ from flux_proxy.forward import Forwarder
 from flux_proxy.generation import Generator, render_json, render_stream
 from flux_proxy.health import Health
 from flux_proxy.hosts import host_matches
+from flux_proxy.logs import EVENT
+from flux_proxy.metrics import IMAGE_GENERATION, Metrics
 from flux_proxy.openapi import OPENAPI_PATH, openapi_document
 from flux_proxy.plugins import load_registry
+from flux_proxy.request_context import (
+    REQUEST_ID_HEADER,
+    UNKNOWN_MODEL,
+    RequestContext,
+    current,
+    enter,
+    leave,
+    request_id_from,
+)
 from flux_proxy.routing import Router
 from flux_proxy.runtime import Runtime
-from flux_proxy.schema import ImageRequest
+from flux_proxy.schema import ImageRequest, ImageResult, ProgressSink
 from flux_proxy.startup import announce
 from flux_proxy.store import is_valid_name
 
@@ -111,19 +122,30 @@ class FluxProxy:
                 forward_authorization=not self._client_keys,
             )
         self._started = int(time.time())
-        self.health = Health(self.runtime.store)
+        self.metrics = metrics = self.runtime.metrics
+        self.health = Health(self.runtime.store, metrics)
         prefix = self._prefix
         self._fallback: ASGIApp = (
             self._to_host if app is not None else self._forward if self._forwarder else _not_found
         )
         routes = [
-            _GatewayRoute(f"{prefix}/images/generations", self._generations, ["POST"]),
-            _GatewayRoute(f"{prefix}/models", self._models, ["GET"]),
-            _GatewayRoute(f"{prefix}/models/{{name}}", self._model, ["GET"]),
-            _GatewayRoute(f"{prefix}/images/files/{{name}}", self._file, ["GET"]),
+            _GatewayRoute(
+                f"{prefix}/images/generations",
+                self._generations,
+                ["POST"],
+                metrics,
+                operation=IMAGE_GENERATION,
+            ),
+            _GatewayRoute(f"{prefix}/models", self._models, ["GET"], metrics),
+            _GatewayRoute(f"{prefix}/models/{{name}}", self._model, ["GET"], metrics),
+            _GatewayRoute(f"{prefix}/images/files/{{name}}", self._file, ["GET"], metrics),
         ]
         health_paths = settings.server.health_paths
-        probes = {"/healthz": self.health.live, "/readyz": self.health.ready}
+        probes = {
+            "/healthz": self.health.live,
+            "/readyz": self.health.ready,
+            "/metrics": self.health.metrics,
+        }
         if not (health_paths or (health_paths is None and app is None)):
             probes = {}
         # Rendered once: it describes the configuration, which does not change.
@@ -132,10 +154,10 @@ class FluxProxy:
                 settings, health_paths=bool(probes), client_keys=bool(self._client_keys)
             )
         )
-        routes.append(_GatewayRoute(f"{prefix}{OPENAPI_PATH}", self._openapi, ["GET"]))
-        # Probes come every few seconds: their lines go to debug, not the info log.
+        routes.append(_GatewayRoute(f"{prefix}{OPENAPI_PATH}", self._openapi, ["GET"], metrics))
+        # Probes and scrapes come every few seconds: their lines go to debug.
         routes += [
-            _GatewayRoute(path, probe, ["GET"], log_level=logging.DEBUG)
+            _GatewayRoute(path, probe, ["GET"], metrics, log_level=logging.DEBUG)
             for path, probe in probes.items()
         ]
         # Begun by `flux-proxy serve` on SIGTERM (serving.py); probes keep their own answers.
@@ -156,13 +178,34 @@ class FluxProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self.drain(self._http_router, scope, receive, send)
+            await self._http(scope, receive, send)
         elif scope["type"] == "lifespan" and self._app is not None:
             await self._host_lifespan(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._http_router(scope, receive, send)
         else:  # websockets and the rest are never the gateway's
             await self._fallback(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every HTTP request gets an id (the client's, if valid), echoed on its answer."""
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        context = RequestContext(request_id_from(given))
+        echoed = (REQUEST_ID_HEADER.encode(), context.request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                # A host app or forwarded answer that names its own keeps it.
+                if not any(name.lower() == echoed[0] for name, _ in headers):
+                    headers.append(echoed)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        token = enter(context)
+        try:
+            await self.drain(self._http_router, scope, receive, send_with_id)
+        finally:
+            leave(token)
 
     # --- routes -----------------------------------------------------------------
 
@@ -175,24 +218,32 @@ class FluxProxy:
         model_name = image_request.model or self.router.default_model()
         if model_name is None:
             raise InvalidRequest("'model' is required: name one of GET /v1/models.", param="model")
+        context = current()
+        if context is not None:  # counted under a configured name, never the client's text
+            context.model = UNKNOWN_MODEL
         model = self.router.resolve(model_name)
+        if context is not None:
+            context.model = model.name
         public_url = self._public_url(request)
         sent = list(payload)
         demand = self._generator.demand(image_request, model)
+        wanted = image_request.response_format or self.settings.defaults.response_format
         if image_request.stream:
             self._generator.check(image_request, model, public_url)
+
+            async def stream_work(progress: ProgressSink) -> ImageResult:
+                result = await self._generator.generate(image_request, model, public_url, progress)
+                _count_images(self.metrics, model.name, wanted, result)
+                return result
+
             ticket = self._admission.admit(demand, sharing)  # last: nothing after it may refuse
-            return render_stream(
-                lambda progress: self._generator.generate(
-                    image_request, model, public_url, progress
-                ),
-                sent,
-                on_close=ticket.release,
-            )
+            return render_stream(stream_work, sent, on_close=ticket.release)
 
         async def work() -> Response:
             result = await self._generator.generate(image_request, model, public_url)
-            return render_json(image_request, result, sent, self.settings)
+            response = render_json(image_request, result, sent, self.settings)
+            _count_images(self.metrics, model.name, wanted, result)
+            return response
 
         with self._admission.admit(demand, sharing):
             return await unless_disconnected(request.receive, work)
@@ -339,6 +390,9 @@ class FluxProxy:
         assert self._forwarder is not None
         if scope["type"] != "http":
             return
+        context = current()
+        if context is not None:
+            context.provider = "forward"
         # Client keys guard the forward too, or any client could spend the
         # operator's upstream key without one.
         try:
@@ -475,6 +529,20 @@ def _validate(payload: dict[str, Any]) -> ImageRequest:
         raise InvalidRequest(message, param=param) from None
 
 
+def _count_images(metrics: Metrics, model: str, wanted: str, result: ImageResult) -> None:
+    """The images of a successful answer, and the bytes of those the gateway held."""
+    size = 0
+    for image in result.images:
+        if image.data is not None:
+            size += len(image.data)
+        elif image.b64 is not None:
+            text = image.b64
+            size += len(text) * 3 // 4 - text[-2:].count(b"=")
+    metrics.images.labels(model, wanted).inc(len(result.images))
+    if size:
+        metrics.image_bytes.labels(model, wanted).inc(size)
+
+
 def _error_response(error: GatewayError) -> Response:
     return Response(
         error.body_bytes(),
@@ -499,9 +567,18 @@ class _GatewayRoute(Route):
     """
 
     def __init__(
-        self, path: str, handler: Handler, methods: list[str], log_level: int = logging.INFO
+        self,
+        path: str,
+        handler: Handler,
+        methods: list[str],
+        metrics: Metrics,
+        *,
+        operation: str = "",
+        log_level: int = logging.INFO,
     ) -> None:
-        super().__init__(path, _Endpoint(handler, log_level), methods=methods)
+        super().__init__(
+            path, _Endpoint(handler, path, metrics, operation, log_level), methods=methods
+        )
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         allowed = self.methods or set()
@@ -515,23 +592,84 @@ class _GatewayRoute(Route):
         await _error_response(error)(scope, receive, send)
 
 
+# The status counted and logged for a request whose client left before its answer
+# (nginx's convention; no HTTP answer was sent).
+CLIENT_GONE = 499
+
+
 class _Endpoint:
     """A handler as an ASGI app: its errors become OpenAI error bodies, its outcome is
-    logged, and ``HEAD`` gets the headers ``GET`` would, without the body."""
+    counted and logged once its answer is sent (a stream's last event included), and
+    ``HEAD`` gets the headers ``GET`` would, without the body."""
 
-    def __init__(self, handler: Handler, log_level: int) -> None:
+    def __init__(
+        self, handler: Handler, route: str, metrics: Metrics, operation: str, log_level: int
+    ) -> None:
         self._handler = handler
+        self._route = route
+        self._operation = operation
         self._log_level = log_level
+        self._metrics = metrics
+        # The route's own series, looked up once rather than per request.
+        self._in_flight = metrics.in_flight.labels(route)
+        self._seconds = metrics.request_seconds.labels(route)
+        self._overhead = metrics.overhead_seconds.labels(route)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         request = Request(scope, receive)
-        response = await self._respond(request)
-        if response is None:  # the client went away and its work was cancelled
+        self._in_flight.inc()
+        status = CLIENT_GONE
+        try:
+            response = await self._respond(request)
+            if response is not None:  # None: the client went away, its work was cancelled
+                status = response.status_code
+                await response(
+                    scope, receive, _headers_only(send) if request.method == "HEAD" else send
+                )
+        finally:
+            self._in_flight.dec()
+            self._done(request, status, time.perf_counter() - started)
+
+    def _done(self, request: Request, status: int, seconds: float) -> None:
+        context = current()
+        model = context.model if context is not None else ""
+        provider = context.provider if context is not None else ""
+        upstream = context.upstream_seconds if context is not None else 0.0
+        overhead = max(seconds - upstream, 0.0)
+        self._metrics.requests.labels(
+            self._route, str(status), self._operation, model, provider
+        ).inc()
+        self._seconds.observe(seconds)
+        self._overhead.observe(overhead)
+        if not logger.isEnabledFor(self._log_level):
             return
-        await response(scope, receive, _headers_only(send) if request.method == "HEAD" else send)
+        request_id = context.request_id if context is not None else "-"
+        logger.log(
+            self._log_level,
+            "%s %s -> %s in %.0f ms (request %s)",
+            request.method,
+            request.url.path,
+            status,
+            seconds * 1000,
+            request_id,
+            extra={
+                EVENT: {
+                    "event": "request",
+                    "method": request.method,
+                    "route": self._route,
+                    "path": request.url.path,
+                    "status": status,
+                    "model": model or None,
+                    "provider": provider or None,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "upstream_ms": round(upstream * 1000, 3),
+                    "overhead_ms": round(overhead * 1000, 3),
+                }
+            },
+        )
 
     async def _respond(self, request: Request) -> Response | None:
-        started = time.perf_counter()
         try:
             response: Response | None = await self._handler(request)
         except GatewayError as error:
@@ -547,14 +685,6 @@ class _Endpoint:
         except Exception:
             logger.exception("unexpected failure on %s %s", request.method, request.url.path)
             response = _error_response(InternalError("The gateway failed unexpectedly."))
-        logger.log(
-            self._log_level,
-            "%s %s -> %s in %.0f ms",
-            request.method,
-            request.url.path,
-            response.status_code if response is not None else "client gone",
-            (time.perf_counter() - started) * 1000,
-        )
         return response
 
 

@@ -39,6 +39,7 @@ from flux_proxy.errors import (
 from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE
 from flux_proxy.peek import sniff_format
 from flux_proxy.pipeline import Stack
+from flux_proxy.request_context import current
 from flux_proxy.routing import ModelRoute
 from flux_proxy.schema import (
     GeneratedImage,
@@ -128,12 +129,15 @@ class Generator:
         skipped: list[CircuitBreaker] = []  # circuits open: not called at all
         unset_keys: list[str] = []  # key variables found unset on the way
         last_error: GatewayError | None = None
+        context = current()
         for attempt, target in enumerate(model.targets, start=1):
             breaker = self._breakers.for_target(target)
             ticket = breaker.acquire()
             if ticket is None:
                 skipped.append(breaker)
                 continue
+            if context is not None:  # upstream exchanges from here on are this provider's
+                context.provider = target.provider.name
             job = self._job(request, target, public_url)
             if progress is not None:
                 job = replace(job, progress=progress)

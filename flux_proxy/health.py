@@ -1,4 +1,4 @@
-"""Liveness and readiness: what a load balancer or Kubernetes asks before sending traffic.
+"""Liveness, readiness and metrics: what a load balancer, Kubernetes or Prometheus asks.
 
 ``/healthz`` answers 200 whenever the process serves requests at all: a failing
 liveness probe means "restart me". ``/readyz`` answers 200 only while this gateway
@@ -6,6 +6,8 @@ should get traffic: its config loaded (a gateway exists only once its settings
 validated), its image store reachable, and no shutdown under way. Neither calls a
 provider: probes come every few seconds, and a provider outage must not take every
 replica out of the load balancer (requests then get the provider's error instead).
+``/metrics`` is Prometheus' text exposition (flux_proxy/metrics.py); like the probes
+it needs no client key, so operators keep it to their network (a NetworkPolicy).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import logging
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from flux_proxy.store import ImageStore
+from flux_proxy.metrics import CONTENT_TYPE, Metrics, StoreUsage
+from flux_proxy.store import ImageStore, MeasuredStore
 
 logger = logging.getLogger("flux_proxy")
 
@@ -27,8 +30,9 @@ _NO_STORE = {"Cache-Control": "no-store"}
 class Health:
     """The probe answers of one gateway, and whether its lifespan is shutting down."""
 
-    def __init__(self, store: ImageStore) -> None:
+    def __init__(self, store: ImageStore, metrics: Metrics) -> None:
         self._store = store
+        self._metrics = metrics
         self._shutting_down = False
 
     def started(self) -> None:
@@ -53,6 +57,21 @@ class Health:
             status_code=200 if ready else 503,
             headers=_NO_STORE,
         )
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(
+            self._metrics.render(await self._store_usage()),
+            media_type=CONTENT_TYPE,
+            headers=_NO_STORE,
+        )
+
+    async def _store_usage(self) -> StoreUsage | None:
+        if not isinstance(self._store, MeasuredStore):
+            return None
+        try:
+            return await self._store.usage()
+        except OSError:  # the store's trouble is /readyz's to report; the rest still counts
+            return None
 
     async def _store_check(self) -> str:
         try:

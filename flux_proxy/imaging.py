@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import io
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from PIL import Image, ImageOps
+from prometheus_client import Histogram
 
 from flux_proxy.errors import UpstreamError
 from flux_proxy.peek import sniff_format
@@ -144,9 +146,20 @@ class ImageWorker:
     its cancellation at once, but a job already running keeps its thread to the end:
     Pillow cannot be interrupted, and the lane's bound must count it until it is done.
     A job not yet started is dropped.
+
+    With ``seconds``, a job given ``timed_as=(operation, format)`` has its own time (in
+    its thread, not its wait for one) counted there: ``("transcode", "webp")``,
+    ``("resize", "png")``.
     """
 
-    def __init__(self, workers: int, light_workers: int = 1, light_pixels: int = 0) -> None:
+    def __init__(
+        self,
+        workers: int,
+        light_workers: int = 1,
+        light_pixels: int = 0,
+        seconds: Histogram | None = None,
+    ) -> None:
+        self._seconds = seconds
         self._heavy = ThreadPoolExecutor(workers, thread_name_prefix="flux-proxy-images")
         self._light = ThreadPoolExecutor(light_workers, thread_name_prefix="flux-proxy-light")
         self._light_pixels = light_pixels
@@ -157,6 +170,7 @@ class ImageWorker:
         *args: object,
         pixels: int | None = None,
         fmt: str | None = None,
+        timed_as: tuple[str, str] | None = None,
     ) -> T:
         """``function(*args)`` in a thread of the lane that ``pixels`` (of the larger
         image the job handles) and ``fmt`` (the format it encodes, if any) pick."""
@@ -164,5 +178,18 @@ class ImageWorker:
         lane = self._light if light else self._heavy
         # The caller's context goes along (as anyio's threads carry it: a request id for
         # the log, say); wrap_future: cancelling the await drops a job not yet started.
+        if timed_as is not None and self._seconds is not None:
+            function = _timed(function, self._seconds.labels(*timed_as))
         job = lane.submit(contextvars.copy_context().run, function, *args)
         return await asyncio.wrap_future(job)
+
+
+def _timed(function: Callable[..., T], timer: Histogram) -> Callable[..., T]:
+    def timed(*args: object) -> T:
+        started = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            timer.observe(time.perf_counter() - started)
+
+    return timed

@@ -156,6 +156,14 @@ def openapi_document(
     if health_paths:
         paths["/healthz"] = _probe("healthz", "The process serves", ())
         paths["/readyz"] = _probe("readyz", "Ready for traffic", ("503",))
+        text = {"text/plain": {"schema": {"type": "string"}}}
+        paths["/metrics"] = {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus text exposition (flux_proxy/metrics.py)",
+                "responses": {"200": {"description": "The metrics", "content": text}},
+            }
+        }
     components: dict[str, Any] = {"schemas": schemas}
     if client_keys:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

@@ -19,6 +19,8 @@ from flux_proxy.config import ConfigError, Settings
 from flux_proxy.errors import UpstreamCredentialsMissing
 from flux_proxy.fetch import ImageFetcher
 from flux_proxy.imaging import ImageWorker
+from flux_proxy.metrics import Metrics
+from flux_proxy.observed import ObservedTransport
 from flux_proxy.s3_store import BucketAddress, S3ImageStore
 from flux_proxy.signing import UrlSigner
 from flux_proxy.sigv4 import AwsCredentials, SigV4Signer
@@ -51,11 +53,13 @@ class Runtime:
         self._client: httpx.AsyncClient | None = None
         self._wire: httpx.AsyncBaseTransport | None = None  # the client's transport
         limits = settings.limits
+        self.metrics = Metrics(self.environ)
         self.images = ImageWorker(
             limits.image_workers,
             limits.light_image_workers,
             # Light image work: what one image of a light request can be.
             limits.light_request_pixels,
+            seconds=self.metrics.image_seconds,
         )
         origins = [t.base_url for t in settings.provider_configs() if t.base_url]
         private = settings.fetch.allow_private_hosts
@@ -80,12 +84,14 @@ class Runtime:
         """The one client all upstream I/O goes through."""
         if self._client is None or self._client.is_closed:
             limits = self.settings.limits
-            self._wire = self._transport or AiohttpTransport(
+            wire = self._transport or AiohttpTransport(
                 max_connections=200,
                 ssl_context=httpx.create_ssl_context,
                 # The address each connection goes to is the one checked.
                 resolver=lambda: CheckedResolver(self._connect_policy, self._resolver()),
             )
+            # Every exchange timed and counted, the ones send() makes past the client too.
+            self._wire = ObservedTransport(wire, self.metrics)
             self._client = httpx.AsyncClient(
                 transport=self._wire,
                 # A gateway serves many clients: an upstream's Set-Cookie for one must

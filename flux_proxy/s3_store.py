@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from flux_proxy.errors import StoreUnavailable
+from flux_proxy.request_context import PEER_EXTENSION
 from flux_proxy.sigv4 import SigV4Signer
 from flux_proxy.store import MEDIA_TYPE_OF_EXTENSION, StoredImage, is_valid_name, new_name
 
@@ -159,6 +160,7 @@ class S3ImageStore:
             timeout=self._probe_timeout if probe else self._timeout,
         )
         self._signer.sign(request)
+        request.extensions[PEER_EXTENSION] = "s3"  # not the provider's, in metrics and logs
         try:
             response = await client.send(request)
         except httpx.TransportError as error:

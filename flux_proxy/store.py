@@ -18,11 +18,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import anyio
 
 from flux_proxy.imaging import EXTENSIONS, MEDIA_TYPES
+from flux_proxy.metrics import StoreUsage
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpg|gif|webp|avif)$")
 MEDIA_TYPE_OF_EXTENSION = {ext: MEDIA_TYPES[fmt] for fmt, ext in EXTENSIONS.items()}
@@ -55,6 +56,15 @@ class ImageStore(Protocol):
     async def problem(self) -> str | None:
         """Why the store cannot keep images now, or None. Readiness probes call this
         every few seconds, so it must be cheap; its words reach unauthenticated clients."""
+        ...
+
+
+@runtime_checkable
+class MeasuredStore(Protocol):
+    """A store that can tell how much it holds (for the store gauges of /metrics)."""
+
+    async def usage(self) -> StoreUsage:
+        """Called once a scrape: cheap, or run off the event loop."""
         ...
 
 
@@ -100,6 +110,10 @@ class MemoryImageStore:
 
     async def problem(self) -> str | None:
         return None  # process memory is there as long as the process is
+
+    async def usage(self) -> StoreUsage:
+        self._evict()
+        return StoreUsage(images=len(self._items), bytes=self._bytes)
 
     def _evict(self) -> None:
         now = self._clock()
@@ -165,6 +179,21 @@ class DirectoryImageStore:
 
     async def problem(self) -> str | None:
         return await anyio.to_thread.run_sync(self._problem)
+
+    async def usage(self) -> StoreUsage:
+        return await anyio.to_thread.run_sync(self._usage)
+
+    def _usage(self) -> StoreUsage:
+        images = size = 0
+        with os.scandir(self._directory) as entries:
+            for entry in entries:
+                if is_valid_name(entry.name):
+                    try:
+                        size += entry.stat().st_size
+                    except FileNotFoundError:  # swept by another replica meanwhile
+                        continue
+                    images += 1
+        return StoreUsage(images=images, bytes=size)
 
     def _problem(self) -> str | None:
         # Not the path itself: the answer goes to whoever asks /readyz.

@@ -37,6 +37,7 @@ S3_VARIANT = "ingress-companion+s3-store"
 OVERLAYS = ("ingress-companion", "sidecar", S3_VARIANT)
 # The oldest Kubernetes the manifests are meant for that kubernetes-validate has schemas for.
 KUBERNETES_VERSION = "1.30.0"
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
 WITHOUT_SCHEMA = {("gateway.networking.k8s.io/v1", "HTTPRoute")}
 IMAGE_ROUTES = {
     ("/v1/images/generations", "Exact"),
@@ -199,6 +200,37 @@ async def test_probes_ask_the_gateway_paths_it_serves_on_the_image_port(rendered
     async with httpx.AsyncClient(transport=transport, base_url="http://pod") as client:
         for probe in probes.values():
             assert (await client.get(probe["path"])).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_prometheus_may_scrape_the_metrics_the_gateway_serves(rendered, tmp_path):
+    _, objects = rendered
+    deployment = one(objects, "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    container = gateway_container(deployment)
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == port_number(container, "http")
+    app = FluxProxy(settings_of(objects, tmp_path), environ={"FLUX_PROXY_API_KEYS": "sk-x"})
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://pod") as client:
+        scraped = await client.get(annotations["prometheus.io/path"])  # no client key
+    assert scraped.status_code == 200
+    assert "# TYPE flux_proxy_requests_total counter" in scraped.text
+    # The policy admits the monitoring namespace to that port.
+    policy = one(objects, "NetworkPolicy")
+    admitted = [
+        source
+        for rule in policy["spec"]["ingress"]
+        if int(annotations["prometheus.io/port"]) in [p["port"] for p in rule["ports"]]
+        for source in rule.get("from", [])
+    ]
+    names = [
+        source["namespaceSelector"]["matchExpressions"][0]["values"]
+        if "matchExpressions" in source.get("namespaceSelector", {})
+        else [source["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]]
+        for source in admitted
+    ]
+    assert any("monitoring" in values for values in names)
 
 
 def test_every_container_is_restricted(rendered):
@@ -385,11 +417,15 @@ def test_the_sidecar_pod_holds_the_app_pointed_at_localhost():
     env = {item["name"]: item.get("value") for item in containers["app"]["env"]}
     port = port_number(containers["flux-proxy"], "http")
     assert env["OPENAI_BASE_URL"] == f"http://localhost:{port}/v1"
-    # Nothing outside the Pod reaches flux-proxy's port: no Service, no policy opening it.
+    # Nothing outside the Pod reaches flux-proxy's port but the monitoring namespace's
+    # scrape of /metrics: no Service, and the policy opens it to that namespace only.
     service = one(objects, "Service")
     for service_port in service["spec"]["ports"]:
         assert port_number(containers["app"], service_port["targetPort"]) != port
     policy = one(objects, "NetworkPolicy")
+    for rule in policy["spec"]["ingress"]:
+        if port in [p["port"] for p in rule["ports"]]:
+            assert rule["from"] == [MONITORING]
     opened = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
-    assert port not in opened and opened
+    assert opened != [port]
     assert deployment["metadata"]["name"] == "my-app"

@@ -18,6 +18,7 @@ class FanOutMiddleware(Layer):
     honours = frozenset({"n"})
 
     def __init__(self, runtime: Runtime, options: BaseModel) -> None:
+        self._width = runtime.metrics.fanout_width
         self._max_n = runtime.settings.limits.max_n
         self._concurrency = runtime.settings.limits.fanout_concurrency
 
@@ -33,11 +34,13 @@ class FanOutMiddleware(Layer):
         per_call = job.target.capabilities.max_images_per_call
         sent = job.request.model_fields_set
         if n <= per_call:
+            self._width.observe(1)
             if "n" in sent:
                 job.report.record("n", "passthrough", f"{n} in one call")
             return await call_next(replace(job, n=n))
 
         counts = [min(per_call, n - start) for start in range(0, n, per_call)]
+        self._width.observe(len(counts))
         offsets = [sum(counts[:i]) for i in range(len(counts))]
         seed = job.seed
         job.report.record(

@@ -101,6 +101,7 @@ class OutputFormatMiddleware(Layer):
             self._max_decode,
             pixels=image.pixel_count(),
             fmt=plan.target,
+            timed_as=("transcode", plan.target),
         )
         image.pixels = image.url = None
         image.media_type = MEDIA_TYPES[plan.target]

@@ -94,7 +94,13 @@ class ResponseFormatMiddleware(Layer):
     async def _encode_pixels(self, image: GeneratedImage) -> None:
         if image.pixels is not None:  # changed but not encoded: no format layer in the stack
             image.data = await self._runtime.images.run(
-                encode, image.pixels, "png", None, pixels=image.pixel_count(), fmt="png"
+                encode,
+                image.pixels,
+                "png",
+                None,
+                pixels=image.pixel_count(),
+                fmt="png",
+                timed_as=("transcode", "png"),
             )
             image.pixels, image.media_type = None, "image/png"
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 from PIL import Image
 from pydantic import BaseModel
 
-from flux_proxy.imaging import decode, fit
+from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE, decode, fit
 from flux_proxy.pipeline import CallNext, Layer
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, Handling, ImageJob, ImageResult
@@ -76,6 +76,7 @@ class SizeMiddleware(Layer):
             image.pixels if image.pixels is not None else (await fetcher.ensure_data(image)).data
         )
         assert source is not None  # ensure_data gave it bytes
+        source_format = FORMAT_OF_MEDIA_TYPE.get(image.media_type or "", "pixels")
         image.pixels = await self._runtime.images.run(
             _fit,
             source,
@@ -83,6 +84,7 @@ class SizeMiddleware(Layer):
             target.height,
             self._max_decode,
             pixels=max(image.pixel_count() or 0, target.width * target.height),
+            timed_as=("resize", source_format),
         )
         image.data = image.url = image.media_type = None
         image.width, image.height = target.width, target.height

@@ -1,0 +1,169 @@
+"""Every metric the gateway exports, defined in one place, in Prometheus' text format.
+
+Names follow Prometheus' conventions (``flux_proxy_`` prefix, base units as
+suffixes, ``_total`` on counters); labels borrow OpenTelemetry's GenAI and HTTP
+attribute names where one fits (``gen_ai_operation_name="image_generation"``,
+``gen_ai_request_model``, ``gen_ai_provider_name``, ``http_route``,
+``http_response_status_code``). Every label value is bounded: routes and
+statuses are the gateway's own, models and providers come from its config, and a
+model the config lacks is counted as ``unknown``, never under the client's text.
+
+Adding a metric is one line in :class:`Metrics` (the circuit breaker's gauge, say:
+``self.breaker_open = Gauge("flux_proxy_circuit_open", "...", ["gen_ai_provider_name"],
+registry=r, multiprocess_mode="livemax")``).
+
+Under ``flux-proxy serve --workers N`` every worker writes its values to files in
+the directory ``PROMETHEUS_MULTIPROC_DIR`` names (the CLI makes one per run), and
+``/metrics``, whichever worker answers it, adds up all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+IMAGE_GENERATION = "image_generation"  # OpenTelemetry's gen_ai.operation.name for this
+
+# Image generation takes seconds to minutes; the gateway's own share, milliseconds.
+UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+IMAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+FANOUT_BUCKETS = (1, 2, 3, 4, 6, 8, 10, 16)
+
+ROUTE_LABELS = ("http_route",)
+REQUEST_LABELS = (
+    "http_route",
+    "http_response_status_code",
+    "gen_ai_operation_name",
+    "gen_ai_request_model",
+    "gen_ai_provider_name",
+)
+MODEL_LABELS = ("gen_ai_request_model", "response_format")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUsage:
+    images: int
+    bytes: int
+
+
+class Metrics:
+    """The metrics of one gateway, in a registry of its own (two gateways in one
+    process, as in the tests, count apart, unless their values go to shared files)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ
+        self._shared_dir = environ.get(MULTIPROCESS_DIR_ENV) or None
+        self.registry = r = CollectorRegistry()
+        if self._shared_dir is None:  # per-process figures mean little summed over workers
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        self.requests = Counter(
+            "flux_proxy_requests",
+            "Requests answered, by route, HTTP status, model asked for and provider that "
+            "answered (or last failed)",
+            REQUEST_LABELS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "flux_proxy_request_duration_seconds",
+            "Time from a request's arrival to its answer's last byte",
+            ROUTE_LABELS,
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.overhead_seconds = Histogram(
+            "flux_proxy_overhead_seconds",
+            "The gateway's own time per request: its duration less the time during which "
+            "at least one upstream exchange was under way",
+            ROUTE_LABELS,
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "flux_proxy_requests_in_flight",
+            "Requests being answered now",
+            ROUTE_LABELS,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_seconds = Histogram(
+            "flux_proxy_upstream_duration_seconds",
+            "One HTTP exchange with an upstream, from sending to the answer's last byte",
+            ("gen_ai_provider_name",),
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "flux_proxy_upstream_requests",
+            "HTTP exchanges with upstreams, by provider and status ('error': no answer)",
+            ("gen_ai_provider_name", "http_response_status_code"),
+            registry=r,
+        )
+        self.fanout_width = Histogram(
+            "flux_proxy_fanout_width",
+            "Provider calls one image request was split into",
+            (),
+            buckets=FANOUT_BUCKETS,
+            registry=r,
+        )
+        self.image_seconds = Histogram(
+            "flux_proxy_image_processing_seconds",
+            "Pillow work per image: transcode (encoded as image_format) or resize "
+            "(of an image_format image)",
+            ("operation", "image_format"),
+            buckets=IMAGE_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter(
+            "flux_proxy_images",
+            "Images in successful generation answers",
+            MODEL_LABELS,
+            registry=r,
+        )
+        self.image_bytes = Counter(
+            "flux_proxy_image_bytes",
+            "Encoded bytes of the images counted in flux_proxy_images_total whose bytes "
+            "passed through the gateway (an upstream URL passed on unread has none)",
+            MODEL_LABELS,
+            registry=r,
+        )
+        self.store_images = Gauge(
+            "flux_proxy_store_images",
+            "Images held in the image store for hosted links",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.store_bytes = Gauge(
+            "flux_proxy_store_bytes",
+            "Bytes the image store holds: its files' sizes, or for the memory store what "
+            "its entries cost in memory (as counted against store.max_bytes)",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+
+    def render(self, store: StoreUsage | None) -> bytes:
+        """The text exposition, with the store's usage as of now (when it can tell)."""
+        if store is not None:
+            self.store_images.set(store.images)
+            self.store_bytes.set(store.bytes)
+        if self._shared_dir is None:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, path=self._shared_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(every_worker)

@@ -1,0 +1,112 @@
+"""Every upstream HTTP exchange, timed, counted and logged, whoever makes it.
+
+All upstream I/O (providers' calls, polls, image downloads, the forwarder) goes
+through the one httpx client, so its transport is the one place to watch it.
+An exchange lasts from sending the request to closing the answer's body: a 4 MB
+download is waiting on the upstream too. The request being served (if any) is
+told when exchanges start and end, which is how its own overhead is known.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+
+from flux_proxy.logs import EVENT, log_url
+from flux_proxy.metrics import Metrics
+from flux_proxy.request_context import PEER_EXTENSION, RequestContext, current
+
+logger = logging.getLogger("flux_proxy.upstream")
+
+NO_ANSWER = "error"  # the status label of an exchange that got no answer
+
+
+class ObservedTransport(httpx.AsyncBaseTransport):
+    def __init__(self, inner: httpx.AsyncBaseTransport, metrics: Metrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        context = current()
+        exchange = _Exchange(request, context, self._metrics)
+        try:
+            response = await self._inner.handle_async_request(request)
+        except BaseException:
+            exchange.ended(NO_ANSWER)
+            raise
+        body = response.stream
+        assert isinstance(body, httpx.AsyncByteStream)  # an async transport's answer
+        response.stream = _ObservedStream(body, lambda: exchange.ended(str(response.status_code)))
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _Exchange:
+    __slots__ = ("_context", "_done", "_metrics", "_provider", "_request", "_started")
+
+    def __init__(
+        self, request: httpx.Request, context: RequestContext | None, metrics: Metrics
+    ) -> None:
+        self._request = request
+        self._context = context
+        self._metrics = metrics
+        peer = request.extensions.get(PEER_EXTENSION)
+        provider = context.provider if context is not None else ""
+        self._provider = str(peer or provider or "none")
+        self._done = False
+        self._started = time.perf_counter()
+        if context is not None:
+            context.exchange_started()
+
+    def ended(self, status: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        seconds = time.perf_counter() - self._started
+        if self._context is not None:
+            self._context.exchange_ended()
+        metrics = self._metrics
+        metrics.upstream_seconds.labels(self._provider).observe(seconds)
+        metrics.upstream_requests.labels(self._provider, status).inc()
+        if logger.isEnabledFor(logging.INFO):
+            url = log_url(self._request.url)
+            logger.info(
+                "upstream %s %s %s -> %s in %.0f ms",
+                self._provider,
+                self._request.method,
+                url,
+                status,
+                seconds * 1000,
+                extra={
+                    EVENT: {
+                        "event": "upstream",
+                        "provider": self._provider,
+                        "method": self._request.method,
+                        "url": url,
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 3),
+                    }
+                },
+            )
+
+
+class _ObservedStream(httpx.AsyncByteStream):
+    """The answer's body as it is, calling ``on_close`` once when it is closed."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, on_close: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_close = on_close
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._inner.__aiter__()  # the chunks as they come, no layer in between
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._on_close()

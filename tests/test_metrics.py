@@ -1,0 +1,123 @@
+"""/metrics over a real server, read with Prometheus' own parser: values, not just names."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from typing import Any
+
+import httpx
+
+from tests.images import assert_image
+from tests.metrics import scrape
+from tests.upstream_openai import RecordingUpstream, gateway_config
+
+GENERATIONS = "/v1/images/generations"
+OPERATION = {"gen_ai_operation_name": "image_generation"}
+
+
+def test_requests_upstream_calls_and_images_are_counted_by_their_labels(
+    start_gateway, serve_upstream
+):
+    url = serve_upstream(RecordingUpstream().app())
+    gateway = start_gateway(gateway_config(url, answers="b64_json"))
+    unknown_model = f"client-text-{secrets.token_hex(4)}"
+    image_bytes = 0
+    with httpx.Client(base_url=gateway) as http:
+        for _ in range(3):
+            body = {"model": "up", "prompt": "x", "size": "64x48", "response_format": "b64_json"}
+            answer = http.post(GENERATIONS, json=body)
+            assert answer.status_code == 200, answer.text
+            image = base64.b64decode(answer.json()["data"][0]["b64_json"])
+            assert_image(image, "png", (64, 48))
+            image_bytes += len(image)
+        missing = http.post(GENERATIONS, json={"model": unknown_model, "prompt": "x"})
+        invalid = http.post(GENERATIONS, json={"model": "up"})  # no prompt
+        for _ in range(2):
+            assert http.get("/v1/models").status_code == 200
+    assert (missing.status_code, invalid.status_code) == (404, 400)
+
+    metrics = scrape(gateway)
+    requests = "flux_proxy_requests_total"
+    route = {"http_route": GENERATIONS, **OPERATION}
+    served = {**route, "gen_ai_request_model": "up", "gen_ai_provider_name": "openai"}
+    assert metrics.value(requests, **served, http_response_status_code="200") == 3
+    assert metrics.value(requests, **route, gen_ai_request_model="unknown") == 1
+    assert metrics.value(requests, **route, http_response_status_code="400") == 1
+    assert metrics.value(requests, http_route="/v1/models", http_response_status_code="200") == 2
+    assert metrics.value(requests, http_route=GENERATIONS) == 5
+    assert unknown_model not in metrics.text  # the client's text never becomes a label
+    assert metrics.label_values(requests, "gen_ai_request_model") == {"", "up", "unknown"}
+
+    upstream = {"gen_ai_provider_name": "openai"}
+    assert metrics.value("flux_proxy_upstream_requests_total", **upstream) == 3
+    assert metrics.value("flux_proxy_upstream_duration_seconds_count", **upstream) == 3
+    images = {"gen_ai_request_model": "up", "response_format": "b64_json"}
+    assert metrics.value("flux_proxy_images_total", **images) == 3
+    assert metrics.value("flux_proxy_image_bytes_total", **images) == image_bytes
+
+    gen = {"http_route": GENERATIONS}
+    assert metrics.value("flux_proxy_request_duration_seconds_count", **gen) == 5
+    assert metrics.value("flux_proxy_overhead_seconds_count", **gen) == 5
+    overhead = metrics.value("flux_proxy_overhead_seconds_sum", **gen)
+    total = metrics.value("flux_proxy_request_duration_seconds_sum", **gen)
+    assert 0 < overhead < total  # the upstream's share is taken out
+    # The scrape itself is the one request in flight.
+    assert metrics.value("flux_proxy_requests_in_flight", http_route="/metrics") == 1
+    assert metrics.value("flux_proxy_requests_in_flight", **gen) == 0
+
+
+def test_fan_out_width_is_the_calls_a_request_became(start_gateway, serve_upstream):
+    recorder = RecordingUpstream()
+    gateway = start_gateway(gateway_config(serve_upstream(recorder.app()), answers="b64_json"))
+    with httpx.Client(base_url=gateway) as http:
+        for n in (3, 1):
+            body = {"model": "up", "prompt": "x", "size": "32x32", "n": n}
+            assert http.post(GENERATIONS, json=body).status_code == 200
+    metrics = scrape(gateway)
+    assert len(recorder.requests) == 4  # the provider makes one image a call
+    assert metrics.value("flux_proxy_fanout_width_count") == 2
+    assert metrics.value("flux_proxy_fanout_width_sum") == 4
+    assert metrics.value("flux_proxy_fanout_width_bucket", le="1.0") == 1
+    assert metrics.value("flux_proxy_upstream_requests_total", http_response_status_code="200") == 4
+
+
+def test_transcode_and_resize_seconds_by_format_and_the_store_size(
+    start_gateway, serve_upstream, tmp_path
+):
+    # An upstream that makes PNGs of its own size: the gateway resizes, then transcodes.
+    upstream = serve_upstream(RecordingUpstream(force_size=(64, 64)).app())
+    store: dict[str, Any] = {"backend": "directory", "directory": str(tmp_path)}
+    gateway = start_gateway(gateway_config(upstream, answers="b64_json", **store))
+    body = {
+        "model": "up",
+        "prompt": "x",
+        "size": "100x60",
+        "output_format": "webp",
+        "response_format": "url",
+        "n": 2,
+    }
+    answer = httpx.post(f"{gateway}{GENERATIONS}", json=body)
+    assert answer.status_code == 200, answer.text
+    hosted = [httpx.get(item["url"]).content for item in answer.json()["data"]]
+    for image in hosted:
+        assert_image(image, "webp", (100, 60))
+    metrics = scrape(gateway)
+    seconds = "flux_proxy_image_processing_seconds_count"
+    assert metrics.value(seconds, operation="resize", image_format="png") == 2
+    assert metrics.value(seconds, operation="transcode", image_format="webp") == 2
+    assert metrics.value("flux_proxy_image_processing_seconds_sum", operation="transcode") > 0
+    assert metrics.value("flux_proxy_store_images") == 2
+    assert metrics.value("flux_proxy_store_bytes") == sum(map(len, hosted))
+    files = {"http_route": "/v1/images/files/{name}", "http_response_status_code": "200"}
+    assert metrics.value("flux_proxy_requests_total", **files) == 2
+
+
+def test_metrics_need_no_client_key_and_follow_health_paths(start_gateway):
+    gateway = start_gateway(environ={"FLUX_PROXY_API_KEYS": "sk-client"})
+    assert httpx.get(f"{gateway}/v1/models").status_code == 401
+    metrics = scrape(gateway)  # no key sent
+    unauthorised = {"http_route": "/v1/models", "http_response_status_code": "401"}
+    assert metrics.value("flux_proxy_requests_total", **unauthorised) == 1
+    off = start_gateway({"server": {"health_paths": False}})
+    assert httpx.get(f"{off}/metrics").status_code == 404
