@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import os
+import secrets
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from importlib.metadata import version
 
-from flux_proxy.config import ConfigError, load_settings
-from flux_proxy.logs import install_url_filter
+from flux_proxy.config import ConfigError, Settings, load_settings
+from flux_proxy.logs import install_url_filter, logging_config
+
+logger = logging.getLogger("flux_proxy")
 
 
 def _port(text: str) -> int:
@@ -67,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         help="worker processes sharing the port (default: server.workers, 1)",
     )
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text, or one JSON object a line (default: server.log_format, text)",
+    )
     # A worker of --workers: serve on the listening socket its parent passed down.
     serve.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     emulate = commands.add_parser(
@@ -107,10 +118,19 @@ def emulate(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    install_url_filter()
     try:
         settings = load_settings(args.config)
+    except ConfigError as error:
+        print(f"flux-proxy: {error}", file=sys.stderr)
+        return 2
+    # One description of the logging, applied here and by uvicorn in every worker.
+    args.log_format = args.log_format or settings.server.log_format
+    log_config = logging_config(args.log_level, args.log_format)
+    logging.config.dictConfig(log_config)
+    workers = args.workers or settings.server.workers
+    if args.fd is None and workers > 1:
+        _share_across_workers(settings, workers)
+    try:
         # Imported once the settings are known good: a bad file is reported without
         # loading the gateway, its layers and plugins first.
         from flux_proxy.app import FluxProxy
@@ -131,10 +151,17 @@ def serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     grace = settings.server.shutdown_grace_seconds
-    workers = args.workers or settings.server.workers
     if args.fd is None and workers > 1:
         sock = serving.listen(app, host, port, args.log_level)
-        return serving.Workers(_worker_command(args), workers, sock, grace).run()
+        logging.config.dictConfig(log_config)  # uvicorn's Config set up its own just now
+        from flux_proxy.metrics import MULTIPROCESS_DIR_ENV
+
+        # The workers' metric values meet in files in a directory of this run's own,
+        # gone with it (a stale file from an earlier run would be added up too).
+        shared = tempfile.mkdtemp(prefix="flux-proxy-metrics-")
+        os.environ[MULTIPROCESS_DIR_ENV] = shared  # read by each worker's prometheus-client
+        supervisor = serving.Workers(_worker_command(args), workers, sock, grace)
+        return supervisor.run(cleanup=lambda: shutil.rmtree(shared, ignore_errors=True))
     # No Server header of uvicorn's own: forwarded answers carry the upstream's.
     return serving.run(
         app,
@@ -144,6 +171,9 @@ def serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         log_level=args.log_level,
+        log_config=log_config,
+        # JSON: the gateway's own line per request replaces uvicorn's access line.
+        access_log=args.log_format == "text",
         proxy_headers=True,
         forwarded_allow_ips=settings.server.forwarded_allow_ips,
         server_header=False,
@@ -156,4 +186,26 @@ def serve(args: argparse.Namespace) -> int:
 def _worker_command(args: argparse.Namespace) -> list[str]:
     """How a worker of ``--workers`` is started: this same serve, on one socket (--fd)."""
     command = [sys.executable, "-m", "flux_proxy", "serve", "--log-level", args.log_level]
+    command += ["--log-format", args.log_format]
     return command + (["--config", args.config] if args.config else [])
+
+
+def _share_across_workers(settings: Settings, workers: int) -> None:
+    """What N workers must share: the key that signs hosted links, and (said) the store."""
+    if settings.store.backend == "memory":
+        logger.warning(
+            "server.workers: %d workers each keep their own memory store, so a url answer "
+            "one makes is a 404 on the others: for url answers set store.backend to "
+            "directory (a path every worker reaches) or s3",
+            workers,
+        )
+    variable = settings.store.signing_key_env
+    if not os.environ.get(variable):
+        # Inherited by every worker, so a link one signs verifies on the others.
+        os.environ[variable] = secrets.token_urlsafe(32)
+        logger.warning(
+            "%s is not set: the %d workers share a key made for this run, so image links "
+            "stop working after a restart and on other replicas",
+            variable,
+            workers,
+        )

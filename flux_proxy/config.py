@@ -92,6 +92,8 @@ class ServerSettings(_Section):
     shutdown_grace_seconds: float = Field(25.0, ge=0)
     # `flux-proxy serve` processes sharing the port (--workers wins); each drains on SIGTERM.
     workers: int = Field(1, ge=1)
+    # `flux-proxy serve`'s log lines: text, or one JSON object a line (--log-format).
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("api_prefix")
     @classmethod

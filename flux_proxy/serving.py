@@ -35,7 +35,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from types import FrameType
 from typing import Any
@@ -160,7 +160,9 @@ class Workers:
         self._signals: list[int] = []
         self._wake = threading.Event()
 
-    def run(self) -> int:
+    def run(self, cleanup: Callable[[], None] = lambda: None) -> int:
+        """Supervise until the workers are done; ``cleanup`` runs once they are, before
+        the signal is re-raised (which ends this process on the spot)."""
         handled = (signal.SIGTERM, signal.SIGINT)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
         try:
@@ -168,6 +170,7 @@ class Workers:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            cleanup()
         if self._signals:
             with suppress(KeyboardInterrupt):  # SIGINT's own handler raises it
                 signal.raise_signal(self._signals[0])

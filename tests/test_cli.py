@@ -136,7 +136,7 @@ def assert_graceful_exit(server: Server) -> None:
 def test_serve_help_documents_the_options():
     result = run("serve", "--help")
     assert result.returncode == 0, result.stderr
-    for option in ("--host", "--port", "--config", "--log-level", "--workers"):
+    for option in ("--host", "--port", "--config", "--log-level", "--log-format", "--workers"):
         assert option in result.stdout
     assert "flux1.1-pro" in result.stdout  # says what the embedded default serves
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from flux_proxy.request_context import RequestContext
 from tests.images import assert_image
 from tests.metrics import scrape
 from tests.upstream_openai import RecordingUpstream, gateway_config
@@ -121,3 +122,18 @@ def test_metrics_need_no_client_key_and_follow_health_paths(start_gateway):
     assert metrics.value("flux_proxy_requests_total", **unauthorised) == 1
     off = start_gateway({"server": {"health_paths": False}})
     assert httpx.get(f"{off}/metrics").status_code == 404
+
+
+def test_overlapping_upstream_exchanges_count_once_toward_the_wait(monkeypatch):
+    # A clock the test moves: two exchanges overlap (fan-out), a third comes later.
+    now = [0.0]
+    monkeypatch.setattr("flux_proxy.request_context.time.perf_counter", lambda: now[0])
+    context = RequestContext("r")
+
+    start, end = context.exchange_started, context.exchange_ended
+    # Busy from 1 to 5 (4 s, not 2 + 3), then from 7 to 7.5.
+    timeline = [(1.0, start), (2.0, start), (4.0, end), (5.0, end), (7.0, start), (7.5, end)]
+    for moment, event in timeline:
+        now[0] = moment
+        event()
+    assert context.upstream_seconds == 4.5
