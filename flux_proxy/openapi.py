@@ -21,16 +21,18 @@ IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "imag
 
 # Why each route answers each error status (the README's error table, per route).
 GENERATION_ERRORS = {
-    "400": "Invalid JSON or parameter (`param` names it), a moderation refusal, or a url "
-    "answer asked with a Host that is not in server.allowed_hosts (`untrusted_host`)",
+    "400": "Invalid JSON or parameter (`param` names it), a moderation refusal, a url "
+    "answer asked with a Host that is not in server.allowed_hosts (`untrusted_host`), or "
+    "more pixels x n than one request may ask for (`too_many_pixels`)",
     "401": "Client keys are configured and the key is missing or wrong",
     "404": "Unknown model",
     "408": "The body did not arrive within limits.client_body_timeout (connection closed)",
     "413": "The body is larger than limits.max_body_bytes (connection closed)",
-    "429": "The upstream rate-limits (its Retry-After is forwarded)",
+    "429": "The upstream rate-limits (its Retry-After is forwarded), or this client key "
+    "holds its share of the gateway's image capacity",
     "502": "The upstream failed, rejected the gateway's own key, or sent a broken image",
-    "503": "Every provider of the model is skipped by its circuit breaker, or the gateway "
-    "is shutting down",
+    "503": "The gateway has as much image work admitted as it takes (`overloaded`), every "
+    "provider of the model is skipped by its circuit breaker, or the gateway is shutting down",
     "504": "The upstream or the whole request took too long",
 }
 # While draining for a shutdown, every route but the probes answers 503 (drain.py).
