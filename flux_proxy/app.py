@@ -53,7 +53,7 @@ from flux_proxy.generation import Generator, render_json, render_stream
 from flux_proxy.health import Health
 from flux_proxy.hosts import host_matches
 from flux_proxy.logs import EVENT
-from flux_proxy.metrics import IMAGE_GENERATION, Metrics
+from flux_proxy.metrics import IMAGE_GENERATION, BreakerMetrics, Metrics
 from flux_proxy.openapi import OPENAPI_PATH, openapi_document
 from flux_proxy.plugins import load_registry
 from flux_proxy.request_context import (
@@ -100,7 +100,7 @@ class FluxProxy:
         self.router = Router(settings, providers)
         stack = build_stack(settings.middlewares, registry.middlewares, self.runtime)
         # Upstream health, per gateway; ``clock`` lets tests move time (cool-downs).
-        self.breakers = BreakerBoard(settings.breaker, clock)
+        self.breakers = BreakerBoard(settings.breaker, clock, BreakerMetrics(self.runtime.metrics))
         self._generator = Generator(settings, stack, self.breakers)
         self._admission = Admission(settings.limits)
         self._app = app

@@ -8,9 +8,8 @@ attribute names where one fits (``gen_ai_operation_name="image_generation"``,
 statuses are the gateway's own, models and providers come from its config, and a
 model the config lacks is counted as ``unknown``, never under the client's text.
 
-Adding a metric is one line in :class:`Metrics` (the circuit breaker's gauge, say:
-``self.breaker_open = Gauge("flux_proxy_circuit_open", "...", ["gen_ai_provider_name"],
-registry=r, multiprocess_mode="livemax")``).
+Adding a metric is one entry in :class:`Metrics`, as the circuit breakers' are
+(``circuit_state``, ``circuit_skips``, fed by :class:`BreakerMetrics`).
 
 Under ``flux-proxy serve --workers N`` every worker writes its values to files in
 the directory ``PROMETHEUS_MULTIPROC_DIR`` names (the CLI makes one per run), and
@@ -22,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -34,6 +34,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from flux_proxy.breaker import BreakerState, UpstreamId
 
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -54,6 +56,11 @@ REQUEST_LABELS = (
     "gen_ai_provider_name",
 )
 MODEL_LABELS = ("gen_ai_request_model", "response_format")
+
+
+# An upstream as its circuit breaker knows it (flux_proxy.breaker.UpstreamId), from config.
+CIRCUIT_LABELS = ("gen_ai_provider_name", "upstream_model", "server_address")
+CIRCUIT_LEVELS = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +156,21 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.circuit_state = Gauge(
+            "flux_proxy_circuit_state",
+            "Each upstream's circuit breaker: 0 closed, 1 half-open (one trial request "
+            "probes it), 2 open (skipped without a call)",
+            CIRCUIT_LABELS,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.circuit_skips = Counter(
+            "flux_proxy_circuit_skips",
+            "Times a request skipped an upstream without calling it, its circuit being open "
+            "(or half-open with its trial running)",
+            CIRCUIT_LABELS,
+            registry=r,
+        )
         self.store_bytes = Gauge(
             "flux_proxy_store_bytes",
             "Bytes the image store holds: its files' sizes, or for the memory store what "
@@ -167,3 +189,22 @@ class Metrics:
         every_worker = CollectorRegistry()
         MultiProcessCollector(every_worker, path=self._shared_dir)  # type: ignore[no-untyped-call]
         return generate_latest(every_worker)
+
+
+class BreakerMetrics:
+    """The circuit breakers' changes and skips as metrics (a ``BreakerListener``)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def state_changed(self, upstream: UpstreamId, state: BreakerState) -> None:
+        self._metrics.circuit_state.labels(*_circuit_labels(upstream)).set(CIRCUIT_LEVELS[state])
+
+    def skipped(self, upstream: UpstreamId) -> None:
+        self._metrics.circuit_skips.labels(*_circuit_labels(upstream)).inc()
+
+
+def _circuit_labels(upstream: UpstreamId) -> tuple[str, str, str]:
+    # The base URL's host (and port), or "default" for the provider's own.
+    address = urlsplit(upstream.base_url).netloc or "default"
+    return upstream.provider, upstream.upstream_model, address

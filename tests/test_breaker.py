@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from flux_proxy import FluxProxy
 from flux_proxy.breaker import BreakerState, CircuitBreaker, UpstreamId
@@ -269,3 +270,26 @@ async def test_a_missing_key_never_opens_the_circuit():
         error = assert_openai_error(await post(app), 502)
         assert error["code"] == "upstream_credentials_missing"
     assert upstream.calls == 0
+
+
+async def test_metrics_say_which_circuit_is_open_and_how_often_it_was_skipped():
+    upstream, clock = Upstream(), FakeClock()
+    app = gateway(upstream, clock)
+    for _ in range(3):
+        await post(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client:
+        exposition = (await client.get("/metrics")).text
+    labels = {
+        "gen_ai_provider_name": "openai",
+        "upstream_model": "first",
+        "server_address": "upstream.test",
+    }
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.labels == labels
+    }
+    assert samples["flux_proxy_circuit_state"] == 2  # open
+    assert samples["flux_proxy_circuit_skips_total"] == 1  # the third request
