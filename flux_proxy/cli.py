@@ -129,6 +129,17 @@ def serve(args: argparse.Namespace) -> int:
     logging.config.dictConfig(log_config)
     workers = args.workers or settings.server.workers
     if args.fd is None and workers > 1:
+        if settings.store.backend == "memory":
+            # Refused, not warned: a url link one worker hosts would be a 404 on the
+            # others, an answer that says one thing and serves another.
+            print(
+                f"flux-proxy: server.workers: {workers} workers cannot share the memory "
+                "store (each process keeps its own, so a url link one makes is a 404 on "
+                "the others): set store.backend to directory (a path every worker "
+                "reaches) or s3, or run one worker",
+                file=sys.stderr,
+            )
+            return 2
         _share_across_workers(settings, workers)
     try:
         # Imported once the settings are known good: a bad file is reported without
@@ -191,14 +202,7 @@ def _worker_command(args: argparse.Namespace) -> list[str]:
 
 
 def _share_across_workers(settings: Settings, workers: int) -> None:
-    """What N workers must share: the key that signs hosted links, and (said) the store."""
-    if settings.store.backend == "memory":
-        logger.warning(
-            "server.workers: %d workers each keep their own memory store, so a url answer "
-            "one makes is a 404 on the others: for url answers set store.backend to "
-            "directory (a path every worker reaches) or s3",
-            workers,
-        )
+    """What N workers must share besides the store: the key that signs hosted links."""
     variable = settings.store.signing_key_env
     if not os.environ.get(variable):
         # Inherited by every worker, so a link one signs verifies on the others.

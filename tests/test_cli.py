@@ -238,6 +238,19 @@ def test_workers_must_be_a_positive_count(workers):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_several_workers_on_the_memory_store_are_refused(tmp_path, how):
+    """Each worker's memory store is its own: a link one made would 404 on another."""
+    config = tmp_path / "workers.yaml"
+    config.write_text("server:\n  workers: 3\n" if how == "config" else "{}\n")
+    flag = ["--workers", "3"] if how == "flag" else []
+    result = run("serve", "--config", str(config), *flag)
+    assert result.returncode == 2
+    assert "server.workers: 3 workers cannot share the memory store" in result.stderr
+    assert "store.backend to directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_store_directory_that_cannot_be_created_is_reported(tmp_path):
     occupied = tmp_path / "a-file"
     occupied.write_text("not a directory")

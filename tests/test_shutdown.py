@@ -88,6 +88,8 @@ def start(
         "server": {"port": port, "shutdown_grace_seconds": grace},
         "defaults": {"response_format": "b64_json"},
         "models": {"held": {"provider": "openai", "base_url": f"{upstream_url}/v1"}},
+        # One the workers of --workers share: the memory store is refused for them.
+        "store": {"backend": "directory", "directory": str(tmp_path / "images")},
     }
     path = tmp_path / "flux-proxy.yaml"
     path.write_text(yaml.safe_dump(config))
