@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import anyio
 from starlette.types import Receive
 
 T = TypeVar("T")
@@ -19,22 +18,36 @@ async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]
     without this an abandoned request would keep its upstream task (and its
     bill) running to the end. ``receive`` must already have delivered the body.
 
-    The work runs in the caller's task, inside a cancel scope that only a disconnect
-    cancels; the watcher is a plain asyncio task, stopped with ``Task.cancel`` when
-    the work ends. An anyio task group would do the same but costs far more on every
-    request: its ``cancel()`` formats the repr of the current task (about a tenth of
-    a url pass-through's CPU). The gateway runs on asyncio anyway (aiohttp's pool).
+    The work runs in the caller's task; a watcher, a plain asyncio task stopped when
+    the work ends, cancels that task on a disconnect. The cancel is told from any
+    other (a shutdown's, the caller's own) the way ``asyncio.timeout`` tells its own:
+    by the task's count of cancel requests, so only this one is turned into None. An
+    anyio cancel scope would do the same but costs far more on every request (each
+    of its steps asks sniffio which event loop runs, and its ``cancel()`` formats the
+    task's repr); the gateway runs on asyncio anyway (aiohttp's pool).
     """
-    with anyio.CancelScope() as scope:
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, scope))
-        try:
-            return await work()
-        finally:
-            watcher.cancel()
-    return None  # reached only when the scope was cancelled: the client went away
+    task = asyncio.current_task()
+    assert task is not None
+    watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+    try:
+        return await work()
+    except asyncio.CancelledError:
+        # The watcher has finished only by cancelling this task (it is stopped below
+        # otherwise); a cancel requested besides its own stays in force.
+        if _cancelled_the_task(watcher) and task.uncancel() == 0:
+            return None
+        raise
+    finally:
+        watcher.cancel()
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[object]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    scope.cancel()
+    task.cancel("the client disconnected")
+
+
+def _cancelled_the_task(watcher: asyncio.Task[None]) -> bool:
+    """Whether ``watcher`` saw the disconnect and cancelled its task: it finishes only
+    so, unless it was stopped or ``receive`` failed."""
+    return watcher.done() and not watcher.cancelled() and watcher.exception() is None

@@ -26,7 +26,6 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from contextlib import suppress
-from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,17 +37,67 @@ _CLOSE = (b"connection", b"close")
 _EVENT_STREAM = b"text/event-stream"
 
 
-@dataclass
 class _InFlight:
-    """What has been answered so far on one request, to end it the right way."""
+    """One request in flight: what has been answered so far, to end it the right way,
+    and the one ``send`` every message of its answer goes through.
 
-    task: asyncio.Task[object]
-    started: bool = False
-    event_stream: bool = False
-    # Whether the body so far ends where a server-sent event may begin.
-    at_event_boundary: bool = True
-    complete: bool = False
-    ended: bool = False  # end_stragglers cancelled it
+    That ``send`` also puts the request's own headers (its id) on the answer, unless
+    the answer names them itself, and ``Connection: close`` on one started while the
+    gateway drains: one wrapper per request, not one per concern, as it runs for every
+    message of every answer.
+    """
+
+    __slots__ = (
+        "_drain",
+        "_headers",
+        "_send",
+        "at_event_boundary",
+        "complete",
+        "ended",
+        "event_stream",
+        "started",
+        "task",
+    )
+
+    def __init__(
+        self,
+        drain: Drain,
+        task: asyncio.Task[object],
+        send: Send,
+        headers: tuple[tuple[bytes, bytes], ...],
+    ) -> None:
+        self._drain = drain
+        self._send = send
+        self._headers = headers
+        self.task = task
+        self.started = False
+        self.event_stream = False
+        # Whether the body so far ends where a server-sent event may begin.
+        self.at_event_boundary = True
+        self.complete = False
+        self.ended = False  # end_stragglers cancelled it
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            headers = message.get("headers", ())
+            names = {name.lower() for name, _ in headers}
+            if b"content-type" in names:
+                self.event_stream = any(
+                    value.startswith(_EVENT_STREAM)
+                    for name, value in headers
+                    if name.lower() == b"content-type"
+                )
+            added = [_CLOSE] if self._drain.draining and b"connection" not in names else []
+            added += [header for header in self._headers if header[0] not in names]
+            if added:
+                message = {**message, "headers": [*headers, *added]}
+        elif message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if body:
+                self.at_event_boundary = body.endswith((b"\n\n", b"\r\n\r\n"))
+            self.complete = not message.get("more_body", False)
+        await self._send(message)
 
 
 class Drain:
@@ -88,48 +137,39 @@ class Drain:
             entry.task.cancel("the shutdown grace period is over")
         return len(stragglers)
 
-    async def __call__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one HTTP request through ``app``, refusing it if a drain is under way."""
-        if self.draining and scope["path"] not in self._exempt:
-            await _answer(ShuttingDown(), send)
-            return
+    async def __call__(
+        self,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        """Serve one HTTP request through ``app``, refusing it if a drain is under way.
+        Every answer carries ``headers`` (lower-case names) unless it names them itself."""
         task = asyncio.current_task()
         assert task is not None
-        entry = _InFlight(task)
+        entry = _InFlight(self, task, send, headers)
+        if self.draining and scope["path"] not in self._exempt:
+            await _answer(ShuttingDown(), entry.send)
+            return
         self._in_flight[task] = entry
         self._idle.clear()
-
-        async def tracked_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                entry.started = True
-                headers = list(message.get("headers", []))
-                entry.event_stream = any(
-                    name.lower() == b"content-type" and value.startswith(_EVENT_STREAM)
-                    for name, value in headers
-                )
-                if self.draining and not any(name.lower() == b"connection" for name, _ in headers):
-                    message = {**message, "headers": [*headers, _CLOSE]}
-            elif message["type"] == "http.response.body":
-                body = message.get("body", b"")
-                if body:
-                    entry.at_event_boundary = body.endswith((b"\n\n", b"\r\n\r\n"))
-                entry.complete = not message.get("more_body", False)
-            await send(message)
-
         try:
-            await app(scope, receive, tracked_send)
+            await app(scope, receive, entry.send)
         except asyncio.CancelledError:
             if not entry.ended:
                 raise
             task.uncancel()
-            await _end(entry, receive, send)
+            await _end(entry, receive)
         finally:
             del self._in_flight[task]
             if not self._in_flight:
                 self._idle.set()
 
 
-async def _end(entry: _InFlight, receive: Receive, send: Send) -> None:
+async def _end(entry: _InFlight, receive: Receive) -> None:
+    send = entry.send
     if entry.complete:
         return
     if not entry.started:

@@ -6,8 +6,9 @@ passes on whatever body the app sends, so a HEAD answer here shows the app's own
 
 from __future__ import annotations
 
+import base64
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -149,3 +150,42 @@ async def test_a_client_leaving_mid_body_is_an_info_log_not_a_500(caplog, path, 
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert any("disconnected while sending its body" in r.getMessage() for r in caplog.records)
     assert not any("500" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"prompt": "a fox", "size": "16x16"}'.encode("utf-16"),
+        b"\xef\xbb\xbf" + b'{"prompt": "a fox", "size": "16x16"}',
+        b'{"prompt": "a fox", "size": "16x16", "seed": 123456789012345678901234567890}',
+    ],
+    ids=["utf-16", "utf-8 with BOM", "integer past 64 bits"],
+)
+async def test_json_the_fast_parser_refuses_is_read_as_it_always_was(body):
+    async with asgi_client(FluxProxy({}, environ={})) as client:
+        response = await client.post("/v1/images/generations", content=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 1
+
+
+async def test_nan_is_read_as_json_and_refused_as_a_value():
+    async with asgi_client(FluxProxy({}, environ={})) as client:
+        response = await client.post(
+            "/v1/images/generations", content=b'{"prompt": "x", "seed": NaN}'
+        )
+    assert assert_openai_error(response, 400, "seed")["message"].startswith("Invalid value")
+
+
+async def test_a_body_in_several_messages_is_read_whole():
+    """Several ``http.request`` messages, as a slow client's body reaches the app."""
+    body = b'{"prompt": "a fox", "size": "16x16", "response_format": "b64_json"}'
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 7):
+            yield body[start : start + 7]
+
+    async with asgi_client(FluxProxy({}, environ={})) as client:
+        response = await client.post("/v1/images/generations", content=pieces())
+    assert response.status_code == 200, response.text
+    image = base64.b64decode(response.json()["data"][0]["b64_json"])
+    assert_image(image, "png", (16, 16))

@@ -1,0 +1,92 @@
+"""unless_disconnected: a disconnect cancels the work and nothing else; other cancels stand."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.types import Message
+
+from flux_proxy.disconnect import unless_disconnected
+
+pytestmark = pytest.mark.anyio
+
+
+class Client:
+    """An ASGI ``receive`` whose client leaves when told to."""
+
+    def __init__(self) -> None:
+        self._gone = asyncio.Event()
+
+    def leave(self) -> None:
+        self._gone.set()
+
+    async def receive(self) -> Message:
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+
+async def test_the_work_s_result_when_the_client_stays():
+    client = Client()
+
+    async def work() -> str:
+        await asyncio.sleep(0)
+        return "done"
+
+    assert await unless_disconnected(client.receive, work) == "done"
+
+
+async def test_a_disconnect_cancels_the_work_and_leaves_the_task_usable():
+    client = Client()
+    stopped: list[str] = []
+
+    async def work() -> str:
+        try:
+            client.leave()
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            stopped.append("cancelled")
+            raise
+        return "never"
+
+    assert await unless_disconnected(client.receive, work) is None
+    assert stopped == ["cancelled"]
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # no cancel left pending on the caller
+
+
+async def test_another_cancel_goes_through_even_with_a_disconnect():
+    client = Client()
+    started = asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    async def serve() -> None:
+        await unless_disconnected(client.receive, work)
+
+    serving = asyncio.create_task(serve())
+    await started.wait()
+    client.leave()
+    await asyncio.sleep(0)  # the watcher has seen it, and cancelled the work
+    serving.cancel("shutdown")
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert serving.cancelled()
+
+
+async def test_a_cancel_without_a_disconnect_goes_through():
+    client = Client()
+    started = asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    serving = asyncio.create_task(unless_disconnected(client.receive, work))
+    await started.wait()
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
