@@ -147,6 +147,9 @@ class LimitSettings(_Section):
     client_lane_share: float = Field(0.5, gt=0, le=1)
     # Largest image the gateway will download from an upstream URL.
     max_fetch_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Bytes of upstream answers read into memory at once (Content-Length reserved before
+    # a body is read; more wait their turn): the process's memory under load.
+    upstream_read_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024)
 
     @property
     def max_upstream_pixels(self) -> int:

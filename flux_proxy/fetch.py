@@ -21,6 +21,7 @@ from flux_proxy.addresses import AddressPolicy, PrivateAddress, ResolverFactory
 from flux_proxy.errors import UpstreamError, UpstreamTimeout
 from flux_proxy.imaging import check_pixels, probe
 from flux_proxy.peek import ImageBytes, is_complete, pixel_size, sniff_format
+from flux_proxy.read_budget import ReadBudget
 from flux_proxy.schema import GeneratedImage
 from flux_proxy.upstream import AnswerTooLarge, client_send, send_capped
 
@@ -34,8 +35,10 @@ class ImageFetcher:
         dns: ResolverFactory,
         max_bytes: int,
         max_pixels: int,
+        reads: ReadBudget | None = None,
     ) -> None:
         self._http = http
+        self._reads = reads
         self._max_pixels = max_pixels
         self._policy = policy
         self._dns = dns
@@ -50,7 +53,10 @@ class ImageFetcher:
             # The same capped read as every upstream answer: refused at the cap, never
             # held whole first.
             response = await send_capped(
-                client_send(http), http.build_request("GET", url), max_bytes=self._max_bytes
+                client_send(http),
+                http.build_request("GET", url),
+                max_bytes=self._max_bytes,
+                reads=self._reads,
             )
         except AnswerTooLarge:
             raise UpstreamError("The upstream image is larger than the gateway accepts.") from None

@@ -21,6 +21,7 @@ from flux_proxy.fetch import ImageFetcher
 from flux_proxy.imaging import ImageWorker
 from flux_proxy.metrics import Metrics
 from flux_proxy.observed import ObservedTransport
+from flux_proxy.read_budget import ReadBudget
 from flux_proxy.s3_store import BucketAddress, S3ImageStore
 from flux_proxy.signing import UrlSigner
 from flux_proxy.sigv4 import AwsCredentials, SigV4Signer
@@ -54,6 +55,8 @@ class Runtime:
         self._wire: httpx.AsyncBaseTransport | None = None  # the client's transport
         limits = settings.limits
         self.metrics = Metrics(self.environ)
+        # Every whole answer read from an upstream (provider calls, image downloads).
+        self.reads = ReadBudget(limits.upstream_read_bytes)
         self.images = ImageWorker(
             limits.image_workers,
             limits.light_image_workers,
@@ -69,6 +72,7 @@ class Runtime:
             dns=resolver,
             max_bytes=limits.max_fetch_bytes,
             max_pixels=limits.max_upstream_pixels,
+            reads=self.reads,
         )
         self.store: ImageStore = self._make_store()
         # Every connection: the fetcher's hosts, the forwarder's base_url and the image

@@ -23,6 +23,7 @@ from flux_proxy.addresses import ResolverFactory
 # request carries only the client's.
 _NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CHUNK = 64 * 1024
+_READ_AHEAD = 64 * 1024
 
 
 class _NoUrlCredentials(httpx.Auth):
@@ -64,6 +65,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,  # httpx undoes content-encoding itself
                 skip_auto_headers=_NOT_ADDED,
+                # A small read-ahead: an answer waiting its turn to be read (read_budget.py)
+                # holds this much in memory, the rest in the kernel (default: 256 KiB).
+                read_bufsize=_READ_AHEAD,
             )
         return self._session
 

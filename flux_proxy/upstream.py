@@ -32,6 +32,7 @@ from flux_proxy.errors import (
 from flux_proxy.hosts import KeyHosts
 from flux_proxy.json_blobs import loads_keeping
 from flux_proxy.native_body import public_param
+from flux_proxy.read_budget import ReadBudget
 
 if TYPE_CHECKING:
     from flux_proxy.schema import ImageJob
@@ -191,12 +192,15 @@ def client_send(http: httpx.AsyncClient) -> Send:
     return send
 
 
-async def send_capped(send: Send, request: httpx.Request, *, max_bytes: int) -> httpx.Response:
+async def send_capped(
+    send: Send, request: httpx.Request, *, max_bytes: int, reads: ReadBudget | None = None
+) -> httpx.Response:
     """Send ``request`` and read the answer, refusing (502) one larger than ``max_bytes``.
 
     The answer is read as it arrives and given up at the cap (or at once when its
     Content-Length says it is over), never held whole first, however large the
-    upstream makes it. Transport failures are the caller's to map.
+    upstream makes it. Transport failures are the caller's to map. With ``reads``, the
+    body is read in its turn within that budget (flux_proxy/read_budget.py).
 
     The request's read timeout (the client's ``limits.upstream_timeout``) bounds the
     whole exchange, not only each read: an upstream trickling a byte a second would
@@ -205,27 +209,43 @@ async def send_capped(send: Send, request: httpx.Request, *, max_bytes: int) -> 
     budget = request.extensions.get("timeout", {}).get("read")
     try:
         with anyio.fail_after(budget):
-            return await _read_capped(send, request, max_bytes)
+            return await _read_capped(send, request, max_bytes, reads)
     except TimeoutError:
         raise httpx.ReadTimeout(
             f"The upstream exchange took longer than {budget:g} seconds.", request=request
         ) from None
 
 
-async def _read_capped(send: Send, request: httpx.Request, max_bytes: int) -> httpx.Response:
+async def _read_capped(
+    send: Send, request: httpx.Request, max_bytes: int, reads: ReadBudget | None
+) -> httpx.Response:
     response = await send(request)
     chunks: list[bytes] = []
     size = 0
+    held = None
     try:
         declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
+        length = int(declared) if declared.isdigit() else None
+        if length is not None and length > max_bytes:
             raise AnswerTooLarge()
+        # Only a compressed body decodes to more than it says.
+        known = length if "content-encoding" not in response.headers else None
+        held = await reads.reserve(known) if reads is not None else None
         async for chunk in response.aiter_bytes():
             size += len(chunk)
             if size > max_bytes:
                 raise AnswerTooLarge()
             chunks.append(chunk)
+            if known is None and held is not None:
+                held.grow(len(chunk))
+    except BaseException:
+        # A failed read's traceback holds this frame (a cancelled fan-out sibling's may
+        # sit in a reference cycle until the collector runs): not the megabytes read.
+        chunks.clear()
+        raise
     finally:
+        if held is not None:
+            held.release()
         await response.aclose()
     # aiter_bytes already undid any content-encoding: the copy must not claim one.
     headers = [
@@ -264,8 +284,10 @@ class Upstream:
         guard: Callable[[str], Awaitable[None]],
         max_bytes: int,
         send: Send | None = None,
+        reads: ReadBudget | None = None,
     ) -> None:
-        """``send`` takes the requests ``http`` builds (default: ``http.send``)."""
+        """``send`` takes the requests ``http`` builds (default: ``http.send``); ``reads``
+        is the gateway's budget for answers being read (flux_proxy/read_budget.py)."""
         self.provider = provider
         self._http = http
         self._send = send or client_send(http)
@@ -274,6 +296,7 @@ class Upstream:
         self.hosts = hosts
         self._guard = guard
         self.max_bytes = max_bytes
+        self._reads = reads
 
     def __repr__(self) -> str:  # never the key, in a log line or a traceback's locals
         return f"Upstream({self.provider!r})"
@@ -311,6 +334,7 @@ class Upstream:
                 self._send,
                 request,
                 max_bytes=max_bytes if max_bytes is not None else self.max_bytes,
+                reads=self._reads,
             )
 
     def json(self, response: httpx.Response, what: str, *, keep_bytes: str | None = None) -> Any:
