@@ -51,7 +51,7 @@ from flux_proxy.schema import (
     Report,
     Target,
 )
-from flux_proxy.sizes import SizeLimits, requested_target
+from flux_proxy.sizes import SizeLimits, SizePlanner
 
 logger = logging.getLogger("flux_proxy")
 
@@ -68,19 +68,21 @@ class Generator:
         self._settings = settings
         self._stack = stack
         self._breakers = breakers
+        limits = settings.limits
+        self._sizes = SizePlanner(
+            SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels)
+        )
 
     def demand(self, request: ImageRequest, model: ModelRoute) -> Demand:
         """What ``request`` asks the gateway to make, for admission (flux_proxy/admission.py):
         its target size as the first provider would resolve it, ``n``, its format."""
-        limits = self._settings.limits
-        target = requested_target(
+        target = self._sizes.plan(
             size=request.size,
             aspect_ratio=request.aspect_ratio,
             resolution=request.resolution,
             extras=request.extras,
             capabilities=model.targets[0].capabilities,
-            limits=SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels),
-        )
+        ).target
         fmt = request.target_format or self._settings.defaults.output_format
         return Demand(pixels=target.width * target.height, n=request.n, fmt=fmt)
 
@@ -110,13 +112,17 @@ class Generator:
     ) -> ImageResult:
         """Run the stack against each of the model's providers until one answers."""
         limit = self._settings.limits.request_timeout
+        # A bare cancel scope with a deadline, not fail_after: the same bound at about
+        # half the cost (no generator context manager, one clock read).
         try:
-            with anyio.fail_after(limit):
+            with anyio.CancelScope(deadline=anyio.current_time() + limit):
                 return await self._first_success(request, model, public_url, progress)
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"The request took longer than this gateway's limit of {limit:g} seconds."
-            ) from None
+        except TimeoutError:  # one a layer or provider let out, as fail_after would have
+            pass
+        # Reached only past the deadline: the scope swallowed its own cancellation.
+        raise UpstreamTimeout(
+            f"The request took longer than this gateway's limit of {limit:g} seconds."
+        )
 
     async def _first_success(
         self,

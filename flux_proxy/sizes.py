@@ -85,10 +85,67 @@ def requested_target(
 
 def pixel_fields(extras: Mapping[str, Any]) -> tuple[int, int] | None:
     """Integer ``width`` and ``height`` the client sent as extra fields, if both."""
-    width, height = (extras.get(name) for name in PIXEL_FIELDS)
+    if not extras:  # most requests send none: no lookups
+        return None
+    width, height = extras.get("width"), extras.get("height")
     if type(width) is int and type(height) is int:
         return width, height
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class SizePlan:
+    """One request's size: the exact target, and the nearest size the provider makes."""
+
+    target: TargetSize
+    native: tuple[int, int]
+
+
+class SizePlanner:
+    """Resolves a request's size once per distinct ask and model.
+
+    Requests repeat a handful of sizes, and resolving one (parsing, the nearest ratio
+    and tier, the provider's nearest size) ran several times per request: admission's
+    demand, the size layer's check, its call. A plan is kept per model (by identity:
+    the entry holds the capabilities it was made for) and per asked size; refusals are
+    not kept, and neither are asks too long to be worth keeping (a size padded with
+    spaces is valid), so what a client sends cannot grow the table past MAX_PLANS.
+    """
+
+    MAX_PLANS = 1024
+    MAX_KEY_TEXT = 64
+
+    def __init__(self, limits: SizeLimits) -> None:
+        self._limits = limits
+        self._plans: dict[tuple[Any, ...], tuple[Capabilities, SizePlan]] = {}
+
+    def plan(
+        self,
+        *,
+        size: str | None,
+        aspect_ratio: str | None,
+        resolution: str | None,
+        extras: Mapping[str, Any],
+        capabilities: Capabilities,
+    ) -> SizePlan:
+        key = (id(capabilities), size, aspect_ratio, resolution, pixel_fields(extras))
+        found = self._plans.get(key)
+        if found is not None and found[0] is capabilities:
+            return found[1]
+        target = requested_target(
+            size=size,
+            aspect_ratio=aspect_ratio,
+            resolution=resolution,
+            extras=extras,
+            capabilities=capabilities,
+            limits=self._limits,
+        )
+        plan = SizePlan(target, native_size(target.width, target.height, capabilities.sizes))
+        if sum(len(text) for text in (size, aspect_ratio, resolution) if text) <= self.MAX_KEY_TEXT:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = (capabilities, plan)
+        return plan
 
 
 def resolve_target(

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from flux_proxy import b64
 from flux_proxy.errors import UpstreamError
 from flux_proxy.fetch import read_header
 from flux_proxy.peek import ImageBytes, is_complete, pixel_size, sniff_format
@@ -118,3 +119,31 @@ def test_assigning_bytes_drops_the_upstreams_text():
     image = GeneratedImage(b64=base64.b64encode(b"old"))
     image.data = b"new"
     assert image.b64 is None and image.data == b"new"
+
+
+@pytest.mark.parametrize("at", ["first", "boundary", "after", "last"])
+@pytest.mark.parametrize("fault", [b'"', b"\\", b"\n", b"="])
+def test_base64_check_finds_a_fault_anywhere_in_a_long_text(at: str, fault: bytes) -> None:
+    """A text of several pieces as the check reads them: a quote, backslash, line break
+    or padding anywhere but the end fails it, at a piece's edge as well as inside one."""
+    text = bytearray(base64.b64encode(bytes(range(256)) * 8000))  # ~2.7 MB of text
+    assert len(text) > 4 * b64._CHECK_CHUNK
+    where = {
+        "first": 0,
+        "boundary": b64._CHECK_CHUNK - 1,
+        "after": b64._CHECK_CHUNK,
+        "last": len(text) - 5,
+    }[at]
+    b64.check(bytes(text))  # valid as made
+    text[where] = fault[0]
+    with pytest.raises(b64.InvalidBase64):
+        b64.check(bytes(text))
+
+
+def test_base64_check_refuses_padding_that_ends_a_piece_not_the_text() -> None:
+    """Each piece valid on its own, padded at a piece's end: not one strict base64 text."""
+    head = base64.b64encode(b"x" * (b64._CHECK_CHUNK // 4 * 3 - 2))
+    assert len(head) == b64._CHECK_CHUNK and head.endswith(b"==")
+    with pytest.raises(b64.InvalidBase64):
+        b64.check(head + base64.b64encode(b"abc"))
+    b64.check(head)  # padding that ends the text is fine

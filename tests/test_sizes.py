@@ -6,7 +6,15 @@ import pytest
 
 from flux_proxy.capabilities import FLUX_1K_SIZES, Capabilities, SizeSupport
 from flux_proxy.errors import InvalidRequest
-from flux_proxy.sizes import SizeLimits, native_size, nearest_ratio, nearest_tier, resolve_target
+from flux_proxy.sizes import (
+    SizeLimits,
+    SizePlan,
+    SizePlanner,
+    native_size,
+    nearest_ratio,
+    nearest_tier,
+    resolve_target,
+)
 
 CAPS = Capabilities()
 LIMITS = SizeLimits()
@@ -181,3 +189,41 @@ def test_native_size_picks_nearest_preset():
 def test_presets_parse_from_config_strings():
     support = SizeSupport.model_validate({"presets": ["1024x1024", "1536x1024"]})
     assert support.presets == ((1024, 1024), (1536, 1024))
+
+
+def plan_of(
+    planner: SizePlanner, capabilities: Capabilities, size: str | None, **extras: object
+) -> SizePlan:
+    return planner.plan(
+        size=size, aspect_ratio=None, resolution=None, extras=extras, capabilities=capabilities
+    )
+
+
+def test_planner_keeps_each_model_plan_apart():
+    """The same ask on two models: each gets its own model's nearest size, asked in any order."""
+    presets = Capabilities(sizes=SizeSupport(presets=((1024, 1024), (1536, 1024))))
+    planner = SizePlanner(LIMITS)
+    for _ in range(2):  # the second round answers from what the first kept
+        on_bfl = plan_of(planner, Capabilities(sizes=BFL), "1920x1080")
+        on_presets = plan_of(planner, presets, "1920x1080")
+        assert (on_bfl.target.width, on_bfl.target.height) == (1920, 1080)
+        assert on_bfl.native == native_size(1920, 1080, BFL)
+        assert on_presets.native == (1536, 1024)
+    # Pixel fields are part of the ask: the same size text with them is another plan.
+    exact = plan_of(planner, CAPS, None, width=640, height=480)
+    assert (exact.target.width, exact.target.height) == (640, 480)
+    assert plan_of(planner, CAPS, None).target.text == "1024x1024"
+
+
+def test_planner_refuses_every_time_and_stays_bounded():
+    planner = SizePlanner(LIMITS)
+    for _ in range(2):
+        with pytest.raises(InvalidRequest):
+            plan_of(planner, CAPS, "20000x20000")
+    # A padded size is valid and resolved, but too long a key to be kept.
+    padded = " " * 500 + "512x512"
+    assert plan_of(planner, CAPS, padded).target.text == "512x512"
+    assert len(planner._plans) == 0
+    for side in range(1, SizePlanner.MAX_PLANS + 50):
+        assert plan_of(planner, CAPS, f"{side}x{side}").target.width == side
+    assert len(planner._plans) <= SizePlanner.MAX_PLANS

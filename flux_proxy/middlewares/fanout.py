@@ -37,7 +37,7 @@ class FanOutMiddleware(Layer):
             self._width.observe(1)
             if "n" in sent:
                 job.report.record("n", "passthrough", f"{n} in one call")
-            return await call_next(replace(job, n=n))
+            return await call_next(job if job.n == n else replace(job, n=n))
 
         counts = [min(per_call, n - start) for start in range(0, n, per_call)]
         self._width.observe(len(counts))

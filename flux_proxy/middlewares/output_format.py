@@ -70,9 +70,10 @@ class OutputFormatMiddleware(Layer):
             job.target.capabilities,
         )
         self._report(job, plan)
-        result = await call_next(
-            replace(job, output_format=plan.native, output_compression=plan.native_compression)
-        )
+        native = (plan.native, plan.native_compression)
+        if (job.output_format, job.output_compression) != native:
+            job = replace(job, output_format=native[0], output_compression=native[1])
+        result = await call_next(job)
         for image in result.images:
             await self._finish(image, plan, job.verify_urls)
         result.output_format = plan.target

@@ -25,6 +25,8 @@ class PassthroughMiddleware(Layer):
             convert(param, value, rules.get(param))
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
+        if not job.fields:  # nothing to shape: the job goes on as it is
+            return await call_next(job)
         rules = job.target.capabilities.fields
         provider = job.target.provider.name
         fields: dict[str, Any] = {}

@@ -48,7 +48,9 @@ class ResponseFormatMiddleware(Layer):
             if problem is not None:
                 raise StoreUnavailable(problem)
         verify = not keep or self._verify_upstream_urls
-        result = await call_next(replace(job, verify_urls=verify))
+        result = await call_next(
+            job if job.verify_urls == verify else replace(job, verify_urls=verify)
+        )
         kept = 0
         unchecked: list[GeneratedImage] = []
         to_host: list[GeneratedImage] = []
@@ -64,11 +66,12 @@ class ResponseFormatMiddleware(Layer):
             else:
                 await self._with_text(image)
                 image.url = None
-        # All at once: n images wait for one store round trip, not n in a row.
-        assert public_url is not None or not to_host  # a url answer without one: refused
-        links = await asyncio.gather(*(self._host(image, public_url or "") for image in to_host))
-        for image, link in zip(to_host, links, strict=True):
-            image.url = link
+        if to_host:
+            # All at once: n images wait for one store round trip, not n in a row.
+            assert public_url is not None  # a url answer without one: refused before the call
+            links = await asyncio.gather(*(self._host(image, public_url) for image in to_host))
+            for image, link in zip(to_host, links, strict=True):
+                image.url = link
         hosted = len(to_host)
         if unchecked:
             # Said whether or not the client sent response_format: the answer holds

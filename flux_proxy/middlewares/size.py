@@ -14,10 +14,10 @@ from flux_proxy.schema import GeneratedImage, Handling, ImageJob, ImageResult
 from flux_proxy.sizes import (
     PIXEL_FIELDS,
     SizeLimits,
+    SizePlan,
+    SizePlanner,
     TargetSize,
-    native_size,
     pixel_fields,
-    requested_target,
 )
 
 
@@ -27,35 +27,40 @@ class SizeMiddleware(Layer):
 
     def __init__(self, runtime: Runtime, options: BaseModel) -> None:
         limits = runtime.settings.limits
-        self._limits = SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels)
+        # The check and the call resolve the same size: the planner does it once.
+        self._sizes = SizePlanner(
+            SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels)
+        )
         self._runtime = runtime
         self._max_decode = limits.max_upstream_pixels
 
     def check(self, job: ImageJob) -> None:
-        self._target(job)
+        self._plan(job)
 
-    def _target(self, job: ImageJob) -> TargetSize:
+    def _plan(self, job: ImageJob) -> SizePlan:
         request = job.request
-        return requested_target(
+        return self._sizes.plan(
             size=request.size,
             aspect_ratio=request.aspect_ratio,
             resolution=request.resolution,
             extras=request.extras,
             capabilities=job.target.capabilities,
-            limits=self._limits,
         )
 
     async def __call__(self, job: ImageJob, call_next: CallNext) -> ImageResult:
-        target = self._target(job)
-        width, height = native_size(target.width, target.height, job.target.capabilities.sizes)
+        plan = self._plan(job)
+        target, (width, height) = plan.target, plan.native
         self._report(job, target, (width, height))
         fields = job.fields
-        if pixel_fields(job.request.extras) is not None and job.request.size in (None, "auto"):
+        request = job.request
+        if pixel_fields(request.extras) is not None and request.size in (None, "auto"):
             # Consumed here: the provider gets the size in its own form instead.
             fields = {k: v for k, v in fields.items() if k not in PIXEL_FIELDS}
             for name in PIXEL_FIELDS:
                 job.report.record(name, "converted", f"exact size {target.text}")
-        result = await call_next(replace(job, width=width, height=height, fields=fields))
+        if (width, height, fields) != (job.width, job.height, job.fields):
+            job = replace(job, width=width, height=height, fields=fields)
+        result = await call_next(job)
         native_fits = (width, height) == (target.width, target.height)
         for image in result.images:
             await self._fit(image, target, assume=native_fits and not job.verify_urls)
