@@ -73,3 +73,15 @@ def test_non_ascii_names_are_measured_as_sent():
     assert header.isascii()
     assert len(header) <= Report.MAX_HEADER
     assert json.loads(header) == longest_prefix_that_fits(names)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["plain", "del\x7f", "tab\tnewline\n", "nul\x00", "caf\u00e9", "lone\ud800", "\U0001f600"],
+)
+def test_the_header_is_printable_ascii_whatever_the_names(name):
+    header = report_of([name]).header_value([name])
+    assert all(0x20 <= ord(c) <= 0x7E for c in header), header
+    assert json.loads(header) == {
+        name: {"handling": "passthrough", "detail": "sent unchanged to the provider"}
+    }
