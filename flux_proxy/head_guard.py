@@ -53,22 +53,42 @@ _TOO_BIG = _refusal(
 
 
 class _HeadGuard:
-    """One connection's wait for a request head: a timer, and the bytes it has taken."""
+    """One connection's wait for a request head: a deadline, and the bytes it has taken.
+
+    The timer is not cancelled when a head arrives nor made anew for the next wait, as
+    a timer per request would be on a keep-alive connection: the deadline moves, and
+    the one timer, when it fires, follows it (fired after a head came and before the
+    next is due, it lapses, and the next wait sets one again).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, max_bytes: int) -> None:
         self._loop = loop
         self._seconds = seconds
         self._max_bytes = max_bytes
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # the loop time it fires at
+        self._due: float | None = None  # the awaited head's deadline; None: none awaited
         self._received = 0
 
     def awaiting(self, transport: asyncio.Transport) -> None:
         """A head is due now: from here it has ``seconds`` to arrive."""
-        self.arrived()
-        self._timer = self._loop.call_later(self._seconds, self._expired, transport)
+        self._received = 0
+        self._due = self._loop.time() + self._seconds
+        if self._timer is None:
+            self._set_timer(transport, self._due)
 
-    def _expired(self, transport: asyncio.Transport) -> None:
+    def _set_timer(self, transport: asyncio.Transport, when: float) -> None:
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._fired, transport)
+
+    def _fired(self, transport: asyncio.Transport) -> None:
         self._timer = None
+        if self._due is None:
+            return
+        if self._due > self._timer_at:  # a later wait began: follow its deadline
+            self._set_timer(transport, self._due)
+            return
+        self._due = None
         if self._received:
             _refuse(transport, _TOO_SLOW)
         else:
@@ -77,17 +97,22 @@ class _HeadGuard:
             transport.close()
 
     def arrived(self) -> None:
+        self._due = None
+        self._received = 0
+
+    def closed(self) -> None:
+        """The connection is gone: nothing is awaited on it any more."""
+        self.arrived()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._received = 0
 
     def fits(self, transport: asyncio.Transport, size: int) -> bool:
         """Count ``size`` more bytes towards an awaited head; False (and the
         connection refused) once the head has taken more than its bound. Bytes
         after the head in the same chunk count too, so a head is refused only when
         it was already over its bound before this chunk."""
-        if self._timer is None:
+        if self._due is None:
             return True
         if self._received > self._max_bytes:
             self.arrived()
@@ -125,7 +150,7 @@ class HttpToolsWithHeadGuard(HttpToolsProtocol):
         self._head.awaiting(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._head.arrived()
+        self._head.closed()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
