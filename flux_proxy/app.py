@@ -54,7 +54,7 @@ from flux_proxy.generation import Generator, render_json, render_stream
 from flux_proxy.health import Health
 from flux_proxy.hosts import host_matches
 from flux_proxy.logs import EVENT
-from flux_proxy.metrics import IMAGE_GENERATION, BreakerMetrics, Metrics
+from flux_proxy.metrics import IMAGE_GENERATION, BreakerMetrics, Children, Metrics
 from flux_proxy.openapi import OPENAPI_PATH, openapi_document
 from flux_proxy.plugins import load_registry
 from flux_proxy.request_context import (
@@ -75,6 +75,8 @@ from flux_proxy.store import is_valid_name
 logger = logging.getLogger("flux_proxy")
 
 _REQUEST_ID_NAME = REQUEST_ID_HEADER.encode()
+# The Hosts whose public URL is kept worked out (a gateway is reached under a few).
+_PUBLIC_URLS_KEPT = 64
 
 ConfigInput = Settings | str | Path | Mapping[str, Any] | None
 # A route handler; None means the client went away and nothing is to be sent.
@@ -109,6 +111,8 @@ class FluxProxy:
         self._app = app
         self._prefix = settings.server.api_prefix
         self._allowed_hosts = [host.strip().lower() for host in settings.server.allowed_hosts]
+        # _public_url's answers, by what they depend on (bounded: _PUBLIC_URLS_KEPT).
+        self._public_urls: dict[tuple[object, ...], str | None] = {}
         self._client_keys = [
             key.strip()
             for key in (self.runtime.secret(settings.auth.api_keys_env) or "").split(",")
@@ -127,6 +131,7 @@ class FluxProxy:
         self._started = int(time.time())
         self.metrics = metrics = self.runtime.metrics
         self.health = Health(self.runtime.store, metrics)
+        self._image_counts = _ImageCounts(metrics)
         prefix = self._prefix
         self._fallback: ASGIApp = (
             self._to_host if app is not None else self._forward if self._forwarder else _not_found
@@ -173,6 +178,9 @@ class FluxProxy:
             default=self._fallback,
             lifespan=self._lifespan,
         )
+        # The routes without path parameters, by their path: a request for one of them
+        # (most are) goes straight to it, without the Router's scan of every pattern.
+        self._exact = _exact_routes(routes)
         announce(
             self.router.models(),
             [entry if isinstance(entry, str) else entry.name for entry in settings.middlewares],
@@ -197,7 +205,7 @@ class FluxProxy:
         token = enter(context)
         try:
             await self.drain(
-                self._http_router,
+                self._route,
                 scope,
                 receive,
                 send,
@@ -205,6 +213,20 @@ class FluxProxy:
             )
         finally:
             leave(token)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """What the Router does, for a path one of the exact routes has (under no
+        root_path: the Router would match the path less it)."""
+        route = None if scope.get("root_path") else self._exact.get(scope["path"])
+        if route is None:
+            await self._http_router(scope, receive, send)
+            return
+        if "router" not in scope:
+            scope["router"] = self._http_router
+        scope["route"] = route
+        scope["endpoint"] = route.endpoint
+        scope["path_params"] = dict(scope.get("path_params", {}))
+        await route.handle(scope, receive, send)
 
     # --- routes -----------------------------------------------------------------
 
@@ -232,7 +254,7 @@ class FluxProxy:
 
             async def stream_work(progress: ProgressSink) -> ImageResult:
                 result = await self._generator.generate(image_request, model, public_url, progress)
-                _count_images(self.metrics, model.name, wanted, result)
+                self._image_counts.count(model.name, wanted, result)
                 return result
 
             ticket = self._admission.admit(demand, sharing)  # last: nothing after it may refuse
@@ -241,7 +263,7 @@ class FluxProxy:
         async def work() -> Response:
             result = await self._generator.generate(image_request, model, public_url)
             response = render_json(image_request, result, sent, self.settings)
-            _count_images(self.metrics, model.name, wanted, result)
+            self._image_counts.count(model.name, wanted, result)
             return response
 
         with self._admission.admit(demand, sharing):
@@ -355,6 +377,26 @@ class FluxProxy:
         configured = self.settings.server.public_url
         if configured:
             return configured.rstrip("/") + self._prefix
+        # What the answer depends on, so it is worked out once per Host, not per request
+        # (Starlette's request.url parses the whole URL).
+        scope = request.scope
+        server = scope.get("server")
+        key = (
+            scope.get("scheme", "http"),
+            request.headers.get("host"),
+            tuple(server) if server is not None else None,  # a list, from some servers
+            scope.get("root_path", ""),
+        )
+        try:
+            return self._public_urls[key]
+        except KeyError:
+            pass
+        if len(self._public_urls) >= _PUBLIC_URLS_KEPT:  # a client making up Hosts
+            self._public_urls.clear()
+        url = self._public_urls[key] = self._public_url_of(request)
+        return url
+
+    def _public_url_of(self, request: Request) -> str | None:
         if not self._allowed_host(request.url.netloc):
             return None
         # root_path, not Starlette's app-level base_url: under a Mount it carries the prefix.
@@ -539,6 +581,17 @@ def _nests(payload: dict[str, Any]) -> bool:
     return any(isinstance(value, dict | list) for value in payload.values())
 
 
+def _exact_routes(routes: list[_GatewayRoute]) -> dict[str, _GatewayRoute]:
+    """The routes a path names exactly (no parameters), that no route before them matches:
+    the Router, trying them in order, would choose the same."""
+    exact: dict[str, _GatewayRoute] = {}
+    for index, route in enumerate(routes):
+        earlier = routes[:index]
+        if not route.param_convertors and not any(r.path_regex.match(route.path) for r in earlier):
+            exact[route.path] = route
+    return exact
+
+
 def _depth(value: Any) -> int:
     """How deeply JSON containers nest in ``value`` (iterative: no recursion to exhaust)."""
     deepest = 0
@@ -566,18 +619,24 @@ def _validate(payload: dict[str, Any]) -> ImageRequest:
         raise InvalidRequest(message, param=param) from None
 
 
-def _count_images(metrics: Metrics, model: str, wanted: str, result: ImageResult) -> None:
-    """The images of a successful answer, and the bytes of those the gateway held."""
-    size = 0
-    for image in result.images:
-        if image.data is not None:
-            size += len(image.data)
-        elif image.b64 is not None:
-            text = image.b64
-            size += len(text) * 3 // 4 - text[-2:].count(b"=")
-    metrics.images.labels(model, wanted).inc(len(result.images))
-    if size:
-        metrics.image_bytes.labels(model, wanted).inc(size)
+class _ImageCounts:
+    """The images of successful answers, and the bytes of those the gateway held."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._images = Children(metrics.images)
+        self._bytes = Children(metrics.image_bytes)
+
+    def count(self, model: str, wanted: str, result: ImageResult) -> None:
+        size = 0
+        for image in result.images:
+            if image.data is not None:
+                size += len(image.data)
+            elif image.b64 is not None:
+                text = image.b64
+                size += len(text) * 3 // 4 - text[-2:].count(b"=")
+        self._images(model, wanted).inc(len(result.images))
+        if size:
+            self._bytes(model, wanted).inc(size)
 
 
 def _error_response(error: GatewayError) -> Response:
@@ -646,8 +705,8 @@ class _Endpoint:
         self._route = route
         self._operation = operation
         self._log_level = log_level
-        self._metrics = metrics
         # The route's own series, looked up once rather than per request.
+        self._requests = Children(metrics.requests, route)
         self._in_flight = metrics.in_flight.labels(route)
         self._seconds = metrics.request_seconds.labels(route)
         self._overhead = metrics.overhead_seconds.labels(route)
@@ -674,9 +733,7 @@ class _Endpoint:
         provider = context.provider if context is not None else ""
         upstream = context.upstream_seconds if context is not None else 0.0
         overhead = max(seconds - upstream, 0.0)
-        self._metrics.requests.labels(
-            self._route, str(status), self._operation, model, provider
-        ).inc()
+        self._requests(str(status), self._operation, model, provider).inc()
         self._seconds.observe(seconds)
         self._overhead.observe(overhead)
         if not logger.isEnabledFor(self._log_level):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import (
@@ -61,6 +62,34 @@ MODEL_LABELS = ("gen_ai_request_model", "response_format")
 # An upstream as its circuit breaker knows it (flux_proxy.breaker.UpstreamId), from config.
 CIRCUIT_LABELS = ("gen_ai_provider_name", "upstream_model", "server_address")
 CIRCUIT_LEVELS = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+# A labelled metric (Counter, Gauge, Histogram): ``labels()`` gives its child, the same type.
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Children(Generic[M]):
+    """A labelled metric's children, each looked up once: ``labels()`` checks and
+    converts its values and takes a lock on every call, which per request adds up.
+    Label values are bounded (see the module docstring), so the cache is too."""
+
+    __slots__ = ("_cache", "_fixed", "_metric")
+    _metric: M
+    _fixed: tuple[str, ...]
+    _cache: dict[tuple[str, ...], M]
+
+    def __init__(self, metric: M, *fixed: str) -> None:
+        self._metric = metric
+        self._fixed = fixed  # leading label values, the same for every child here
+        self._cache = {}
+
+    def __call__(self, *values: str) -> M:
+        try:
+            return self._cache[values]
+        except KeyError:
+            child: M = self._metric.labels(*self._fixed, *values)
+            self._cache[values] = child
+            return child
 
 
 @dataclass(frozen=True, slots=True)

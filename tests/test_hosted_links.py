@@ -72,3 +72,19 @@ def test_public_url_wins_over_any_host(serve_upstream, start_gateway):
     assert response.json()["data"][0]["url"].startswith(
         "https://images.example.test/v1/images/files/"
     )
+
+
+def test_each_host_keeps_its_own_answer_request_after_request(serve_upstream, start_gateway):
+    """The gateway works a Host's link base out once: a listed and an unlisted Host,
+    alternating, each get theirs every time, and more Hosts than it keeps change nothing."""
+    gateway = start_gateway(
+        config(serve_upstream(RecordingUpstream().app()), allowed_hosts=["*.images.test"])
+    )
+    hosts = [f"h{i}.images.test" for i in range(70)]
+    for round_ in range(2):
+        for host in hosts[:2] if round_ else hosts:
+            response = generate(gateway, host)
+            assert response.status_code == 200, response.text
+            assert httpx.URL(response.json()["data"][0]["url"]).host == host
+        error = assert_openai_error(generate(gateway, "evil.test"), 400)
+        assert error["code"] == "untrusted_host", error
