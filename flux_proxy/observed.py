@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 
+from flux_proxy.answer_body import WholeBody
 from flux_proxy.logs import EVENT, log_url
 from flux_proxy.metrics import Metrics
 from flux_proxy.request_context import PEER_EXTENSION, RequestContext, current
@@ -95,7 +96,7 @@ class _Exchange:
             )
 
 
-class _ObservedStream(httpx.AsyncByteStream):
+class _ObservedStream(WholeBody):
     """The answer's body as it is, calling ``on_close`` once when it is closed."""
 
     def __init__(self, inner: httpx.AsyncByteStream, on_close: Callable[[], None]) -> None:
@@ -104,6 +105,11 @@ class _ObservedStream(httpx.AsyncByteStream):
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._inner.__aiter__()  # the chunks as they come, no layer in between
+
+    async def read_whole(self) -> bytes:
+        if isinstance(self._inner, WholeBody):
+            return await self._inner.read_whole()
+        return await super().read_whole()
 
     async def aclose(self) -> None:
         try:

@@ -18,6 +18,7 @@ import httpx
 import yarl
 
 from flux_proxy.addresses import ResolverFactory
+from flux_proxy.answer_body import WholeBody
 
 # Headers aiohttp adds when a request has none: httpx sets its own, and a forwarded
 # request carries only the client's.
@@ -111,7 +112,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await self._session.close()
 
 
-class _AnswerStream(httpx.AsyncByteStream):
+class _AnswerStream(WholeBody):
     def __init__(self, answer: aiohttp.ClientResponse, request: httpx.Request) -> None:
         self._answer = answer
         self._request = request
@@ -120,6 +121,22 @@ class _AnswerStream(httpx.AsyncByteStream):
         with _as_httpx_errors(self._request):
             async for chunk in self._answer.content.iter_chunked(_CHUNK):
                 yield chunk
+
+    async def read_whole(self) -> bytes:
+        # The chunks as the parser fed them, joined once (aiohttp's read() joins what
+        # is buffered at each wake-up, then all of it again). The parser stops at the
+        # Content-Length; the answer goes back to the pool as its last byte arrives.
+        content = self._answer.content
+        blocks: list[bytes] = []
+        try:
+            with _as_httpx_errors(self._request):
+                while not content.at_eof():
+                    block, _ = await content.readchunk()
+                    blocks.append(block)
+        except BaseException:
+            blocks.clear()  # not held by the traceback (see upstream._capped_chunks)
+            raise
+        return b"".join(blocks)
 
     async def aclose(self) -> None:
         self._answer.release()  # back to the pool when read to the end, else closed

@@ -4,6 +4,7 @@ real loopback servers it keeps httpx's guarantees: no cookie replayed, failures 
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 from typing import Any
 
@@ -51,6 +52,27 @@ async def cut_short(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b'{"data": [', "more_body": True})
 
 
+class GzipUpstream:
+    """Answers an 8x8 PNG's JSON gzip-compressed, with the compressed Content-Length,
+    padded with ``padding`` spaces (which compress to almost nothing)."""
+
+    def __init__(self, padding: int = 0) -> None:
+        text = base64.b64encode(make_image("png", (8, 8))).decode()
+        body = json.dumps({"created": 1, "data": [{"b64_json": text}]}) + " " * padding
+        self.body = gzip.compress(body.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-encoding", b"gzip"),
+            (b"content-length", str(len(self.body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
 def post(gateway: str, **body: Any) -> httpx.Response:
     payload = {"model": "up", "prompt": "x", "size": "8x8", "response_format": "b64_json"}
     return httpx.post(f"{gateway}/v1/images/generations", json={**payload, **body}, timeout=30)
@@ -71,3 +93,21 @@ def test_an_answer_cut_short_is_a_502(serve_upstream, start_gateway):
     gateway = start_gateway(gateway_config(serve_upstream(cut_short), "b64_json"))
     error = assert_openai_error(post(gateway), 502)
     assert "could not be reached" in error["message"], error
+
+
+def test_a_compressed_answer_is_decoded(serve_upstream, start_gateway):
+    gateway = start_gateway(gateway_config(serve_upstream(GzipUpstream()), "b64_json"))
+    response = post(gateway)
+    assert response.status_code == 200, response.text
+    assert_image(base64.b64decode(response.json()["data"][0]["b64_json"]), "png", (8, 8))
+
+
+def test_a_compressed_answer_is_capped_by_what_it_decodes_to(serve_upstream, start_gateway):
+    # The answer cap with max_fetch_bytes 1024 is about 66 KB: the answer is a few
+    # hundred bytes on the wire, under it, and 1 MB decoded, far over it.
+    upstream = GzipUpstream(padding=2**20)
+    assert len(upstream.body) < 16384
+    config = gateway_config(serve_upstream(upstream), "b64_json")
+    config["limits"] = {"max_fetch_bytes": 1024}
+    error = assert_openai_error(post(gateway=start_gateway(config)), 502)
+    assert "larger than the gateway accepts" in error["message"], error
