@@ -22,6 +22,7 @@ from flux_proxy.imaging import ImageWorker
 from flux_proxy.metrics import Metrics
 from flux_proxy.observed import ObservedTransport
 from flux_proxy.read_budget import ReadBudget
+from flux_proxy.request_builder import RequestBuilder
 from flux_proxy.s3_store import BucketAddress, S3ImageStore
 from flux_proxy.signing import UrlSigner
 from flux_proxy.sigv4 import AwsCredentials, SigV4Signer
@@ -53,6 +54,7 @@ class Runtime:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._wire: httpx.AsyncBaseTransport | None = None  # the client's transport
+        self._builder: RequestBuilder | None = None  # the client's requests
         limits = settings.limits
         self.metrics = Metrics(self.environ)
         # Every whole answer read from an upstream (provider calls, image downloads).
@@ -107,7 +109,15 @@ class Runtime:
                 # A URL's user:pass@ never becomes an Authorization header.
                 auth=NO_URL_CREDENTIALS,
             )
+            self._builder = RequestBuilder(self._client)
         return self._client
+
+    @property
+    def build_request(self) -> RequestBuilder:
+        """``http.build_request`` for providers' calls, the client's part done once."""
+        _ = self.http  # opens the client, and with it the builder, if need be
+        assert self._builder is not None
+        return self._builder
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """A request ``http`` built, straight onto its transport; the answer streamed.

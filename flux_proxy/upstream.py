@@ -34,6 +34,7 @@ from flux_proxy.hosts import KeyHosts
 from flux_proxy.json_blobs import loads_keeping
 from flux_proxy.native_body import public_param
 from flux_proxy.read_budget import ReadBudget, Reservation
+from flux_proxy.request_builder import RequestBuilder
 
 if TYPE_CHECKING:
     from flux_proxy.schema import ImageJob
@@ -302,12 +303,16 @@ class Upstream:
         max_bytes: int,
         send: Send | None = None,
         reads: ReadBudget | None = None,
+        build: RequestBuilder | None = None,
     ) -> None:
-        """``send`` takes the requests ``http`` builds (default: ``http.send``); ``reads``
-        is the gateway's budget for answers being read (flux_proxy/read_budget.py)."""
+        """``send`` takes the requests ``http`` builds (default: ``http.send``);
+        ``build`` builds them (default: one for ``http``; the gateway keeps one per
+        client); ``reads`` is the gateway's budget for answers being read
+        (flux_proxy/read_budget.py)."""
         self.provider = provider
         self._http = http
         self._send = send or client_send(http)
+        self._build = build or RequestBuilder(http)
         self._secrets = [key] if key else []
         self._auth = dict(auth)
         self.hosts = hosts
@@ -344,8 +349,13 @@ class Upstream:
         if handed_back is not None:
             await self.check_handed_back(url, handed_back)
         with upstream_transport_errors(self.provider):
-            request = self._http.build_request(
-                method, url, json=json, params=params, headers={**self._auth, **(headers or {})}
+            request = self._build(
+                method,
+                url,
+                json=json,
+                params=params,
+                headers={**self._auth, **headers} if headers else self._auth,
+                keep_url=handed_back is None,
             )
             return await send_capped(
                 self._send,

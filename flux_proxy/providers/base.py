@@ -237,6 +237,7 @@ class UpstreamProvider(Generic[SpecT, OptionsT]):
             provider=self.name,
             http=runtime.http,
             send=runtime.send,
+            build=runtime.build_request,
             key=key,
             auth={self.key_header: f"{self.key_prefix}{key}"} if key else {},
             hosts=entry.hosts,
