@@ -138,6 +138,10 @@ class Admission:
 
     def _check_budget(self, demand: Demand) -> None:
         limits = self._limits
+        if demand.total <= limits.max_request_pixels and (
+            demand.fmt not in SLOW_ENCODERS or demand.total <= limits.max_avif_pixels
+        ):
+            return  # within budget (every request but a refused one): no message to word
         what = f"{demand.n} image{'s' if demand.n > 1 else ''} of {demand.pixels} pixels"
         if demand.total > limits.max_request_pixels:
             raise InvalidRequest(

@@ -118,6 +118,7 @@ class FluxProxy:
             for key in (self.runtime.secret(settings.auth.api_keys_env) or "").split(",")
             if key.strip()
         ]
+        self._client_key_bytes = [key.encode() for key in self._client_keys]
         # Standalone only: mounted, the host app owns every other request.
         self._forwarder: Forwarder | None = None
         if app is None and settings.forward.base_url is not None:
@@ -329,7 +330,8 @@ class FluxProxy:
                 "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
             )
         # Every key compared, so the time taken does not say which one nearly matched.
-        matches = [hmac.compare_digest(key.encode(), k.encode()) for k in self._client_keys]
+        given = key.encode()
+        matches = [hmac.compare_digest(given, k) for k in self._client_key_bytes]
         if not any(matches):
             raise AuthenticationFailed("Incorrect API key provided.")
         return matches.index(True)

@@ -49,10 +49,6 @@ class UpstreamId:
         where = f" at {self.base_url}" if self.base_url else ""
         return f"{self.provider} ({self.upstream_model}{where})"
 
-    @staticmethod
-    def of(target: Target) -> UpstreamId:
-        return UpstreamId(target.provider.name, target.config.base_url or "", target.upstream_model)
-
 
 class BreakerListener(Protocol):
     """Told of every change of state and every skip: where metrics hook in."""
@@ -75,6 +71,11 @@ class Ticket:
     """Leave to use the upstream once; ``trial`` when it is the half-open probe."""
 
     trial: bool
+
+
+# Tickets hold nothing but their kind: the two are made once, not one per call.
+_TRIAL = Ticket(trial=True)
+_CALL = Ticket(trial=False)
 
 
 class CircuitBreaker:
@@ -119,8 +120,8 @@ class CircuitBreaker:
                 return None
             self._trial_running = True
             logger.info("upstream %s: cool-down over, one trial request probes it", self.upstream)
-            return Ticket(trial=True)
-        return Ticket(trial=False)
+            return _TRIAL
+        return _CALL
 
     def succeeded(self, ticket: Ticket) -> None:
         if ticket.trial:
@@ -184,12 +185,13 @@ class BreakerBoard:
         self._settings = settings
         self._clock = clock
         self._listener = listener or SilentListener()
-        self._breakers: dict[UpstreamId, CircuitBreaker] = {}
+        # By UpstreamId's fields: looked up per call, without making an UpstreamId.
+        self._breakers: dict[tuple[str, str, str], CircuitBreaker] = {}
 
     def for_target(self, target: Target) -> CircuitBreaker:
-        upstream = UpstreamId.of(target)
-        breaker = self._breakers.get(upstream)
+        key = (target.provider.name, target.config.base_url or "", target.upstream_model)
+        breaker = self._breakers.get(key)
         if breaker is None:
-            breaker = CircuitBreaker(upstream, self._settings, self._clock, self._listener)
-            self._breakers[upstream] = breaker
+            breaker = CircuitBreaker(UpstreamId(*key), self._settings, self._clock, self._listener)
+            self._breakers[key] = breaker
         return breaker
