@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpx
+from prometheus_client import Counter, Histogram
 
 from flux_proxy.answer_body import WholeBody
 from flux_proxy.logs import EVENT, log_url
@@ -28,11 +29,11 @@ NO_ANSWER = "error"  # the status label of an exchange that got no answer
 class ObservedTransport(httpx.AsyncBaseTransport):
     def __init__(self, inner: httpx.AsyncBaseTransport, metrics: Metrics) -> None:
         self._inner = inner
-        self._metrics = metrics
+        self._series = _Series(metrics)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         context = current()
-        exchange = _Exchange(request, context, self._metrics)
+        exchange = _Exchange(request, context, self._series)
         try:
             response = await self._inner.handle_async_request(request)
         except BaseException:
@@ -40,22 +41,43 @@ class ObservedTransport(httpx.AsyncBaseTransport):
             raise
         body = response.stream
         assert isinstance(body, httpx.AsyncByteStream)  # an async transport's answer
-        response.stream = _ObservedStream(body, lambda: exchange.ended(str(response.status_code)))
+        response.stream = _ObservedStream(body, exchange, str(response.status_code))
         return response
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
+class _Series:
+    """Each provider's (and status's) metric series, looked up once: prometheus's
+    ``labels()`` takes a lock and checks its label values on every call."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._seconds: dict[str, Histogram] = {}
+        self._requests: dict[tuple[str, str], Counter] = {}
+
+    def observe(self, provider: str, status: str, seconds: float) -> None:
+        timed = self._seconds.get(provider)
+        if timed is None:
+            timed = self._seconds[provider] = self._metrics.upstream_seconds.labels(provider)
+        timed.observe(seconds)
+        counted = self._requests.get((provider, status))
+        if counted is None:
+            counted = self._metrics.upstream_requests.labels(provider, status)
+            self._requests[provider, status] = counted
+        counted.inc()
+
+
 class _Exchange:
-    __slots__ = ("_context", "_done", "_metrics", "_provider", "_request", "_started")
+    __slots__ = ("_context", "_done", "_provider", "_request", "_series", "_started")
 
     def __init__(
-        self, request: httpx.Request, context: RequestContext | None, metrics: Metrics
+        self, request: httpx.Request, context: RequestContext | None, series: _Series
     ) -> None:
         self._request = request
         self._context = context
-        self._metrics = metrics
+        self._series = series
         peer = request.extensions.get(PEER_EXTENSION)
         provider = context.provider if context is not None else ""
         self._provider = str(peer or provider or "none")
@@ -71,9 +93,7 @@ class _Exchange:
         seconds = time.perf_counter() - self._started
         if self._context is not None:
             self._context.exchange_ended()
-        metrics = self._metrics
-        metrics.upstream_seconds.labels(self._provider).observe(seconds)
-        metrics.upstream_requests.labels(self._provider, status).inc()
+        self._series.observe(self._provider, status, seconds)
         if logger.isEnabledFor(logging.INFO):
             url = log_url(self._request.url)
             logger.info(
@@ -97,11 +117,12 @@ class _Exchange:
 
 
 class _ObservedStream(WholeBody):
-    """The answer's body as it is, calling ``on_close`` once when it is closed."""
+    """The answer's body as it is; the exchange ends (with ``status``) when it is closed."""
 
-    def __init__(self, inner: httpx.AsyncByteStream, on_close: Callable[[], None]) -> None:
+    def __init__(self, inner: httpx.AsyncByteStream, exchange: _Exchange, status: str) -> None:
         self._inner = inner
-        self._on_close = on_close
+        self._exchange = exchange
+        self._status = status
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._inner.__aiter__()  # the chunks as they come, no layer in between
@@ -115,4 +136,4 @@ class _ObservedStream(WholeBody):
         try:
             await self._inner.aclose()
         finally:
-            self._on_close()
+            self._exchange.ended(self._status)

@@ -25,6 +25,8 @@ from flux_proxy.answer_body import WholeBody
 _NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CHUNK = 64 * 1024
 _READ_AHEAD = 64 * 1024
+# URLs and timeout sets kept made (a provider's few endpoints; others come and go).
+_KEPT = 256
 
 
 class _NoUrlCredentials(httpx.Auth):
@@ -52,6 +54,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._ssl_context = ssl_context
         self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -78,22 +82,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             body: bytes | httpx.AsyncByteStream | None = request.content or None
         except httpx.RequestNotRead:  # a streamed body (the forwarder's)
             body = request.stream  # type: ignore[assignment]
-        headers = [(k, v) for k, v in request.headers.multi_items() if k != "transfer-encoding"]
         with _as_httpx_errors(request):
             answer = await self._open().request(
                 request.method,
-                # Byte for byte, as httpx encoded it, but with no userinfo: aiohttp would
-                # turn user:pass@ into an Authorization header, as httpx would (see
-                # NO_URL_CREDENTIALS).
-                yarl.URL(str(request.url), encoded=True).with_user(None),
-                headers=headers,
+                self._url(str(request.url)),
+                headers=_headers(request.headers),
                 data=body,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=timeout.get("pool"),
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
+                timeout=self._timeout(
+                    timeout.get("pool"), timeout.get("connect"), timeout.get("read")
                 ),
             )
         extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
@@ -107,9 +104,48 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             extensions=extensions,
         )
 
+    def _url(self, url: str) -> yarl.URL:
+        """``url`` byte for byte, as httpx encoded it, but with no userinfo: aiohttp would
+        turn user:pass@ into an Authorization header, as httpx would (see
+        NO_URL_CREDENTIALS). Made once per URL: providers call the same few."""
+        made = self._urls.get(url)
+        if made is None:
+            if len(self._urls) >= _KEPT:
+                self._urls.clear()
+            made = self._urls[url] = yarl.URL(url, encoded=True).with_user(None)
+        return made
+
+    def _timeout(
+        self, pool: float | None, connect: float | None, read: float | None
+    ) -> aiohttp.ClientTimeout:
+        """httpx's timeouts as aiohttp's, made once for each set of them."""
+        key = (pool, connect, read)
+        made = self._timeouts.get(key)
+        if made is None:
+            if len(self._timeouts) >= _KEPT:
+                self._timeouts.clear()
+            made = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None, connect=pool, sock_connect=connect, sock_read=read
+            )
+        return made
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _headers(headers: httpx.Headers) -> list[tuple[str, str]]:
+    """The request's headers for aiohttp: names lowercased, as httpx's ``multi_items``
+    gives them, from the raw list (ASCII, as httpx encodes them, unless a forwarded
+    client sent otherwise: then httpx's own decoding)."""
+    try:
+        return [
+            (lowered.decode("ascii"), value.decode("ascii"))
+            for name, value in headers.raw
+            if (lowered := name.lower()) != b"transfer-encoding"
+        ]
+    except UnicodeDecodeError:
+        return [(k, v) for k, v in headers.multi_items() if k != "transfer-encoding"]
 
 
 class _AnswerStream(WholeBody):

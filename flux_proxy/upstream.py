@@ -210,7 +210,12 @@ async def send_capped(
     (One asyncio deadline: an anyio cancel scope per exchange cost 5-6% of a url
     pass-through's CPU; the transport underneath is asyncio's anyway.)
     """
-    budget = request.extensions.get("timeout", {}).get("read")
+    timeouts = request.extensions.get("timeout", {})
+    budget = timeouts.get("read")
+    if budget is not None:
+        # The deadline bounds every read as well: no per-read timer under it (aiohttp
+        # re-arms one for each piece of the answer it receives).
+        request.extensions["timeout"] = {**timeouts, "read": None}
     try:
         async with asyncio.timeout(budget):
             return await _read_capped(send, request, max_bytes, reads)
@@ -243,6 +248,16 @@ async def _read_capped(
         if held is not None:
             held.release()
         await response.aclose()
+    if known is not None:
+        # Read as it came, nothing decoded: the answer's own headers are the copy's.
+        copy = httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=httpx.ByteStream(content),
+            request=request,
+        )
+        copy.read()
+        return copy
     # aiter_bytes already undid any content-encoding: the copy must not claim one.
     headers = [
         (k, v)

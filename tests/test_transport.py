@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from starlette.types import Receive, Scope, Send
 
+from flux_proxy.transport import _headers
 from tests.images import assert_image, make_image
 from tests.openapi import assert_openai_error
 from tests.upstream_openai import gateway_config
@@ -111,3 +112,15 @@ def test_a_compressed_answer_is_capped_by_what_it_decodes_to(serve_upstream, sta
     config["limits"] = {"max_fetch_bytes": 1024}
     error = assert_openai_error(post(gateway=start_gateway(config)), 502)
     assert "larger than the gateway accepts" in error["message"], error
+
+
+def test_request_headers_reach_aiohttp_as_httpx_decodes_them():
+    cases: list[list[tuple[bytes, bytes]]] = [
+        [(b"Host", b"up.test"), (b"Authorization", b"Bearer k"), (b"Transfer-Encoding", b"x")],
+        [(b"X-Name", "café".encode()), (b"Accept", b"*/*")],  # UTF-8, as a client may send
+        [(b"X-Name", b"caf\xe9")],  # neither ASCII nor UTF-8
+    ]
+    for raw in cases:
+        headers = httpx.Headers(raw)
+        expected = [(k, v) for k, v in headers.multi_items() if k != "transfer-encoding"]
+        assert _headers(headers) == expected
