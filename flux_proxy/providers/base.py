@@ -5,7 +5,7 @@ options and upstream line the same way for all."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -19,6 +19,9 @@ from flux_proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from flux_proxy.runtime import Runtime
+
+# Where a job's progress goes when nobody listens (ImageJob's default sink).
+_NO_PROGRESS = next(field.default for field in fields(ImageJob) if field.name == "progress")
 
 
 class Provider(Protocol):
@@ -204,12 +207,14 @@ class UpstreamProvider(Generic[SpecT, OptionsT]):
         entry = self.entry(job.target.config)
         upstream = self.upstream(job, entry)
         sink = job.progress
+        if sink is not _NO_PROGRESS:  # nothing to redact where it goes nowhere: no copy
 
-        async def redacted(progress: Progress) -> None:
-            await sink(replace(progress, status=upstream.redact(progress.status, limit=100)))
+            async def redacted(progress: Progress) -> None:
+                await sink(replace(progress, status=upstream.redact(progress.status, limit=100)))
 
+            job = replace(job, progress=redacted)
         try:
-            images = await self.run(replace(job, progress=redacted), entry, upstream)
+            images = await self.run(job, entry, upstream)
         except GatewayError as error:
             raise upstream.scrub(error) from None
         for image in images:
