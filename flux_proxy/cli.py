@@ -14,8 +14,14 @@ import tempfile
 from collections.abc import Sequence
 from importlib.metadata import version
 
-from flux_proxy.config import ConfigError, Settings, load_settings
-from flux_proxy.logs import install_url_filter, logging_config
+# httpx imports the libraries of its own command-line tool (click, rich, pygments)
+# whenever they happen to be installed, 3 MiB of every gateway process that never runs
+# it. Marked missing before the first import of httpx: httpx then does without them
+# (its `httpx` command says to install them), nothing else changes.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+from flux_proxy.config import ConfigError, Settings, load_settings  # noqa: E402
+from flux_proxy.logs import install_url_filter, logging_config  # noqa: E402
 
 logger = logging.getLogger("flux_proxy")
 
