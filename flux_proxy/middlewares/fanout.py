@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import anyio
 from pydantic import BaseModel
 
 from flux_proxy.errors import GatewayError, InvalidRequest
-from flux_proxy.pipeline import CallNext, Layer
+from flux_proxy.pipeline import CallNext, Layer, derive
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import ImageJob, ImageResult
 
@@ -37,7 +35,7 @@ class FanOutMiddleware(Layer):
             self._width.observe(1)
             if "n" in sent:
                 job.report.record("n", "passthrough", f"{n} in one call")
-            return await call_next(job if job.n == n else replace(job, n=n))
+            return await call_next(job if job.n == n else derive(job, n=n))
 
         counts = [min(per_call, n - start) for start in range(0, n, per_call)]
         self._width.observe(len(counts))
@@ -55,7 +53,7 @@ class FanOutMiddleware(Layer):
         async def run(index: int) -> None:
             async with limiter:
                 sub_seed = None if seed is None else seed + offsets[index]
-                results[index] = await call_next(replace(job, n=counts[index], seed=sub_seed))
+                results[index] = await call_next(derive(job, n=counts[index], seed=sub_seed))
 
         failure: BaseException | None = None
         try:

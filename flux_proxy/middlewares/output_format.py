@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from flux_proxy.capabilities import LOSSY_FORMATS, Capabilities
 from flux_proxy.imaging import MEDIA_TYPES, decode, encode
-from flux_proxy.pipeline import CallNext, Layer
+from flux_proxy.pipeline import CallNext, Layer, derive
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, ImageJob, ImageResult
 
@@ -72,7 +72,7 @@ class OutputFormatMiddleware(Layer):
         self._report(job, plan)
         native = (plan.native, plan.native_compression)
         if (job.output_format, job.output_compression) != native:
-            job = replace(job, output_format=native[0], output_compression=native[1])
+            job = derive(job, output_format=native[0], output_compression=native[1])
         result = await call_next(job)
         for image in result.images:
             await self._finish(image, plan, job.verify_urls)

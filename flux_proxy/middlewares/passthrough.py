@@ -7,11 +7,10 @@ happened to each field.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from flux_proxy.fields import convert, describe
-from flux_proxy.pipeline import CallNext, Layer
+from flux_proxy.pipeline import CallNext, Layer, derive
 from flux_proxy.schema import ImageJob, ImageResult
 
 
@@ -35,4 +34,4 @@ class PassthroughMiddleware(Layer):
             fields[name] = native
             handling, detail = describe(param, value, name, native)
             job.report.record(param, handling, f"{detail} to {provider}")
-        return await call_next(replace(job, fields=fields))
+        return await call_next(derive(job, fields=fields))

@@ -8,13 +8,12 @@ into a ``url`` answer, downloaded first only with ``store.verify_upstream_urls``
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 from pydantic import BaseModel
 
 from flux_proxy.errors import InvalidRequest, StoreUnavailable
 from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE, encode
-from flux_proxy.pipeline import CallNext, Layer
+from flux_proxy.pipeline import CallNext, Layer, derive
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, Handling, ImageJob, ImageResult
 
@@ -49,7 +48,7 @@ class ResponseFormatMiddleware(Layer):
                 raise StoreUnavailable(problem)
         verify = not keep or self._verify_upstream_urls
         result = await call_next(
-            job if job.verify_urls == verify else replace(job, verify_urls=verify)
+            job if job.verify_urls == verify else derive(job, verify_urls=verify)
         )
         kept = 0
         unchecked: list[GeneratedImage] = []

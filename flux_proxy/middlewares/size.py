@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from PIL import Image
 from pydantic import BaseModel
 
 from flux_proxy.imaging import FORMAT_OF_MEDIA_TYPE, decode, fit
-from flux_proxy.pipeline import CallNext, Layer
+from flux_proxy.pipeline import CallNext, Layer, derive
 from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, Handling, ImageJob, ImageResult
 from flux_proxy.sizes import (
@@ -59,7 +57,7 @@ class SizeMiddleware(Layer):
             for name in PIXEL_FIELDS:
                 job.report.record(name, "converted", f"exact size {target.text}")
         if (width, height, fields) != (job.width, job.height, job.fields):
-            job = replace(job, width=width, height=height, fields=fields)
+            job = derive(job, width=width, height=height, fields=fields)
         result = await call_next(job)
         native_fits = (width, height) == (target.width, target.height)
         for image in result.images:
