@@ -345,7 +345,8 @@ def render_stream(
             try:
                 result = await generate(on_progress)
                 for image in result.images:
-                    await sender.send(_sse(completed_event(image, result)))
+                    for piece in completed_pieces(image, result):
+                        await sender.send(piece)
                 headers = report_headers(result, sent)
                 report = json.loads(headers[REPORT_HEADER])
                 await sender.send(
@@ -421,8 +422,18 @@ def progress_event(progress: Progress) -> dict[str, Any]:
     }
 
 
+def completed_pieces(image: GeneratedImage, result: ImageResult) -> list[bytes]:
+    """The ``image_generation.completed`` event, as the text around the image's base64
+    and the base64 itself, which goes to the client as it is: never copied into the
+    event (it used to be three times: quoted, dumped, framed; 1.4 MB each at 1 MP)."""
+    event = _sse(completed_event(image, result))
+    # base64 needs no JSON escaping; the event's JSON object ends in its last 3 bytes.
+    return [event[: -len(b"}\n\n")] + b',"b64_json":"', _b64_bytes(image), b'"}\n\n']
+
+
 def completed_event(image: GeneratedImage, result: ImageResult) -> dict[str, Any]:
-    """OpenAI's ``ImageGenCompletedEvent``: every value within the spec's enums.
+    """OpenAI's ``ImageGenCompletedEvent`` but its ``b64_json`` (see ``completed_pieces``):
+    every value within the spec's enums.
 
     The size is named only when it is one of OpenAI's; otherwise ``auto`` (the
     image itself says its size). A hosted image's link rides along as ``url``.
@@ -435,7 +446,6 @@ def completed_event(image: GeneratedImage, result: ImageResult) -> dict[str, Any
         )
     event: dict[str, Any] = {
         "type": "image_generation.completed",
-        "b64_json": _b64_fragment(image),
         "created_at": int(time.time()),
         "size": size if size in SPEC_EVENT_SIZES else "auto",
         "quality": "auto",
@@ -461,11 +471,6 @@ def _b64_bytes(image: GeneratedImage) -> bytes:
     if image.data is None:
         raise InternalError("An image reached the response without its bytes.")
     return b64.encode(image.data)
-
-
-def _b64_fragment(image: GeneratedImage) -> orjson.Fragment:
-    """The base64 as a JSON string orjson writes as it is (no str copy, no scan)."""
-    return orjson.Fragment(b'"' + _b64_bytes(image) + b'"')
 
 
 def _json(value: dict[str, Any]) -> bytes:
