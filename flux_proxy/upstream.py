@@ -231,12 +231,11 @@ async def _read_capped(
     response = await send(request)
     held = None
     try:
-        declared = response.headers.get("content-length", "")
-        length = int(declared) if declared.isdigit() else None
+        length, encoded = _framing(response.headers)
         if length is not None and length > max_bytes:
             raise AnswerTooLarge()
         # Only a compressed body decodes to more than it says.
-        known = length if "content-encoding" not in response.headers else None
+        known = length if not encoded else None
         held = await reads.reserve(known) if reads is not None else None
         stream = response.stream
         if known is not None and isinstance(stream, WholeBody):
@@ -265,6 +264,23 @@ async def _read_capped(
         if k not in ("content-encoding", "content-length")
     ]
     return httpx.Response(response.status_code, headers=headers, content=content, request=request)
+
+
+def _framing(headers: httpx.Headers) -> tuple[int | None, bool]:
+    """The answer's Content-Length, where it gives one number, and whether it has a
+    Content-Encoding: one look at the raw headers (httpx's lookup by name of a header
+    that is absent costs a KeyError, 4% of a url pass-through's CPU)."""
+    lengths: list[bytes] = []
+    encoded = False
+    for name, value in headers.raw:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            lengths.append(value)
+        elif lowered == b"content-encoding":
+            encoded = True
+    if len(lengths) == 1 and lengths[0].isdigit():
+        return int(lengths[0]), encoded
+    return None, encoded
 
 
 async def _capped_chunks(
