@@ -478,7 +478,7 @@ def verdicts(plan: Plan, results: Sequence[Result], encode: dict[str, RawEncode]
     out.append(
         Verdict(
             f"(a) url c={low}: added p50 <= 0.5 ms over aiohttp's",
-            f"+{added:.2f} ms ({flux_a.p50_ms:.2f} vs {fwd_a.p50_ms:.2f} ms)",
+            f"{added:+.2f} ms ({flux_a.p50_ms:.2f} vs {fwd_a.p50_ms:.2f} ms)",
             added <= 0.5,
         )
     )
