@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 from starlette.types import Message
@@ -24,6 +25,16 @@ class Client:
     async def receive(self) -> Message:
         await self._gone.wait()
         return {"type": "http.disconnect"}
+
+
+def _waits_after(started: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    """Work that says it has started, then waits until it is cancelled."""
+
+    async def work() -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    return work
 
 
 async def test_the_work_s_result_when_the_client_stays():
@@ -59,10 +70,7 @@ async def test_a_disconnect_cancels_the_work_and_leaves_the_task_usable():
 async def test_another_cancel_goes_through_even_with_a_disconnect():
     client = Client()
     started = asyncio.Event()
-
-    async def work() -> None:
-        started.set()
-        await asyncio.sleep(10)
+    work = _waits_after(started)
 
     async def serve() -> None:
         await unless_disconnected(client.receive, work)
@@ -80,10 +88,7 @@ async def test_another_cancel_goes_through_even_with_a_disconnect():
 async def test_a_cancel_without_a_disconnect_goes_through():
     client = Client()
     started = asyncio.Event()
-
-    async def work() -> None:
-        started.set()
-        await asyncio.sleep(10)
+    work = _waits_after(started)
 
     serving = asyncio.create_task(unless_disconnected(client.receive, work))
     await started.wait()
