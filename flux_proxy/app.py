@@ -32,6 +32,7 @@ from starlette.routing import Route
 from starlette.routing import Router as HTTPRouter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flux_proxy import b64
 from flux_proxy.addresses import ResolverFactory
 from flux_proxy.admission import Admission
 from flux_proxy.breaker import BreakerBoard, Clock
@@ -53,6 +54,7 @@ from flux_proxy.forward import Forwarder
 from flux_proxy.generation import Generator, render_json, render_stream
 from flux_proxy.health import Health
 from flux_proxy.hosts import host_matches
+from flux_proxy.kept import Kept
 from flux_proxy.logs import EVENT
 from flux_proxy.metrics import IMAGE_GENERATION, BreakerMetrics, Children, Metrics
 from flux_proxy.openapi import OPENAPI_PATH, openapi_document
@@ -106,13 +108,13 @@ class FluxProxy:
         stack = build_stack(settings.middlewares, registry.middlewares, self.runtime)
         # Upstream health, per gateway; ``clock`` lets tests move time (cool-downs).
         self.breakers = BreakerBoard(settings.breaker, clock, BreakerMetrics(self.runtime.metrics))
-        self._generator = Generator(settings, stack, self.breakers)
+        self._generator = Generator(settings, stack, self.breakers, self.runtime.sizes)
         self._admission = Admission(settings.limits)
         self._app = app
         self._prefix = settings.server.api_prefix
         self._allowed_hosts = [host.strip().lower() for host in settings.server.allowed_hosts]
         # _public_url's answers, by what they depend on (bounded: _PUBLIC_URLS_KEPT).
-        self._public_urls: dict[tuple[object, ...], str | None] = {}
+        self._public_urls: Kept[tuple[object, ...], str | None] = Kept(_PUBLIC_URLS_KEPT)
         self._client_keys = [
             key.strip()
             for key in (self.runtime.secret(settings.auth.api_keys_env) or "").split(",")
@@ -201,7 +203,7 @@ class FluxProxy:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Every HTTP request gets an id (the client's, if valid), echoed on its answer
         (by the drain's send, the one wrapper every answer goes through)."""
-        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        given = next((v for k, v in scope["headers"] if k == _REQUEST_ID_NAME), None)
         context = RequestContext(request_id_from(given))
         token = enter(context)
         try:
@@ -393,10 +395,7 @@ class FluxProxy:
             return self._public_urls[key]
         except KeyError:
             pass
-        if len(self._public_urls) >= _PUBLIC_URLS_KEPT:  # a client making up Hosts
-            self._public_urls.clear()
-        url = self._public_urls[key] = self._public_url_of(request)
-        return url
+        return self._public_urls.keep(key, self._public_url_of(request))
 
     def _public_url_of(self, request: Request) -> str | None:
         if not self._allowed_host(request.url.netloc):
@@ -634,8 +633,7 @@ class _ImageCounts:
             if image.data is not None:
                 size += len(image.data)
             elif image.b64 is not None:
-                text = image.b64
-                size += len(text) * 3 // 4 - text[-2:].count(b"=")
+                size += b64.decoded_length(image.b64)
         self._images(model, wanted).inc(len(result.images))
         if size:
             self._bytes(model, wanted).inc(size)

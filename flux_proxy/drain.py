@@ -81,13 +81,12 @@ class _InFlight:
         if message["type"] == "http.response.start":
             self.started = True
             headers = message.get("headers", ())
-            names = {name.lower() for name, _ in headers}
-            if b"content-type" in names:
-                self.event_stream = any(
-                    value.startswith(_EVENT_STREAM)
-                    for name, value in headers
-                    if name.lower() == b"content-type"
-                )
+            names = set()
+            for name, value in headers:
+                lowered = name.lower()
+                names.add(lowered)
+                if lowered == b"content-type":
+                    self.event_stream = value.startswith(_EVENT_STREAM)
             added = [_CLOSE] if self._drain.draining and b"connection" not in names else []
             added += [header for header in self._headers if header[0] not in names]
             if added:

@@ -51,7 +51,7 @@ from flux_proxy.schema import (
     Report,
     Target,
 )
-from flux_proxy.sizes import SizeLimits, SizePlanner
+from flux_proxy.sizes import SizePlanner
 
 logger = logging.getLogger("flux_proxy")
 
@@ -64,14 +64,13 @@ SPEC_EVENT_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024"})
 
 
 class Generator:
-    def __init__(self, settings: Settings, stack: Stack, breakers: BreakerBoard) -> None:
+    def __init__(
+        self, settings: Settings, stack: Stack, breakers: BreakerBoard, sizes: SizePlanner
+    ) -> None:
         self._settings = settings
         self._stack = stack
         self._breakers = breakers
-        limits = settings.limits
-        self._sizes = SizePlanner(
-            SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels)
-        )
+        self._sizes = sizes
 
     def demand(self, request: ImageRequest, model: ModelRoute) -> Demand:
         """What ``request`` asks the gateway to make, for admission (flux_proxy/admission.py):

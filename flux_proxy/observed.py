@@ -14,11 +14,10 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
-from prometheus_client import Counter, Histogram
 
 from flux_proxy.answer_body import WholeBody
 from flux_proxy.logs import EVENT, log_url
-from flux_proxy.metrics import Metrics
+from flux_proxy.metrics import Children, Metrics
 from flux_proxy.request_context import PEER_EXTENSION, RequestContext, current
 
 logger = logging.getLogger("flux_proxy.upstream")
@@ -49,24 +48,17 @@ class ObservedTransport(httpx.AsyncBaseTransport):
 
 
 class _Series:
-    """Each provider's (and status's) metric series, looked up once: prometheus's
-    ``labels()`` takes a lock and checks its label values on every call."""
+    """Each provider's (and status's) metric series, each looked up once."""
+
+    __slots__ = ("_requests", "_seconds")
 
     def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self._seconds: dict[str, Histogram] = {}
-        self._requests: dict[tuple[str, str], Counter] = {}
+        self._seconds = Children(metrics.upstream_seconds)
+        self._requests = Children(metrics.upstream_requests)
 
     def observe(self, provider: str, status: str, seconds: float) -> None:
-        timed = self._seconds.get(provider)
-        if timed is None:
-            timed = self._seconds[provider] = self._metrics.upstream_seconds.labels(provider)
-        timed.observe(seconds)
-        counted = self._requests.get((provider, status))
-        if counted is None:
-            counted = self._metrics.upstream_requests.labels(provider, status)
-            self._requests[provider, status] = counted
-        counted.inc()
+        self._seconds(provider).observe(seconds)
+        self._requests(provider, status).inc()
 
 
 class _Exchange:

@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from flux_proxy.kept import Kept
+
 # httpx 0.28's own JSON body: compact, UTF-8, NaN refused.
 _ENCODER = stdlib_json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 # The headers httpx sets from the body or the URL, ahead of (Host) or after the others.
@@ -41,7 +43,7 @@ class RequestBuilder:
         self._defaults = http.headers.raw
         self._default_names = _OWN | {name.lower() for name in http.headers}
         self._timeout = http.timeout.as_dict()
-        self._urls: dict[str, httpx.URL] = {}
+        self._urls: Kept[str, httpx.URL] = Kept(MAX_KEPT_URLS)
 
     def __call__(
         self,
@@ -92,7 +94,5 @@ class RequestBuilder:
     def _url(self, url: str) -> httpx.URL:
         parsed = self._urls.get(url)
         if parsed is None:
-            if len(self._urls) >= MAX_KEPT_URLS:
-                self._urls.clear()
-            parsed = self._urls[url] = httpx.URL(url)
+            parsed = self._urls.keep(url, httpx.URL(url))
         return parsed

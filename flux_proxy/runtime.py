@@ -26,6 +26,7 @@ from flux_proxy.request_builder import RequestBuilder
 from flux_proxy.s3_store import BucketAddress, S3ImageStore
 from flux_proxy.signing import UrlSigner
 from flux_proxy.sigv4 import AwsCredentials, SigV4Signer
+from flux_proxy.sizes import SizeLimits, SizePlanner
 from flux_proxy.store import DirectoryImageStore, ImageStore, MemoryImageStore
 from flux_proxy.transport import NO_URL_CREDENTIALS, AiohttpTransport
 
@@ -59,6 +60,9 @@ class Runtime:
         self.metrics = Metrics(self.environ)
         # Every whole answer read from an upstream (provider calls, image downloads).
         self.reads = ReadBudget(limits.upstream_read_bytes)
+        # Every request's size, resolved once: admission's demand and the size layer ask
+        # the same question of the same planner.
+        self.sizes = SizePlanner(SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels))
         self.images = ImageWorker(
             limits.image_workers,
             limits.light_image_workers,

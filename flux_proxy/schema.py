@@ -346,7 +346,7 @@ class Progress:
 ProgressSink = Callable[[Progress], Awaitable[None]]
 
 
-async def _ignore_progress(progress: Progress) -> None:
+async def ignore_progress(progress: Progress) -> None:
     del progress
 
 
@@ -398,7 +398,7 @@ class ImageJob:
     # Provider-bound fields the gateway does not interpret, in the client's order.
     fields: dict[str, Any] = field(default_factory=dict)
     # Where providers send progress; a streaming response turns it into events.
-    progress: ProgressSink = _ignore_progress
+    progress: ProgressSink = ignore_progress
     # Whether an image the upstream answers with as a URL is downloaded to read its
     # format and size. False when the URL goes back to the client as it is, unchecked
     # (store.return_upstream_urls without store.verify_upstream_urls): a layer with

@@ -17,6 +17,7 @@ from typing import Any
 
 from flux_proxy.capabilities import Capabilities, SizeSupport
 from flux_proxy.errors import InvalidRequest
+from flux_proxy.kept import Kept
 
 # Numbers are bounded in length: a thousand-digit "side" is malformed, not a big number
 # to overflow on (and a ratio of two such numbers would be 0 or infinite).
@@ -117,7 +118,7 @@ class SizePlanner:
 
     def __init__(self, limits: SizeLimits) -> None:
         self._limits = limits
-        self._plans: dict[tuple[Any, ...], tuple[Capabilities, SizePlan]] = {}
+        self._plans: Kept[tuple[Any, ...], tuple[Capabilities, SizePlan]] = Kept(self.MAX_PLANS)
 
     def plan(
         self,
@@ -142,9 +143,7 @@ class SizePlanner:
         )
         plan = SizePlan(target, native_size(target.width, target.height, capabilities.sizes))
         if sum(len(text) for text in (size, aspect_ratio, resolution) if text) <= self.MAX_KEY_TEXT:
-            if len(self._plans) >= self.MAX_PLANS:
-                self._plans.clear()
-            self._plans[key] = (capabilities, plan)
+            self._plans.keep(key, (capabilities, plan))
         return plan
 
 

@@ -20,6 +20,7 @@ import yarl
 
 from flux_proxy.addresses import ResolverFactory
 from flux_proxy.answer_body import WholeBody
+from flux_proxy.kept import Kept
 
 # Headers aiohttp adds when a request has none: httpx sets its own, and a forwarded
 # request carries only the client's.
@@ -55,8 +56,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._ssl_context = ssl_context
         self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, yarl.URL] = {}
-        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+        self._urls: Kept[str, yarl.URL] = Kept(_KEPT)
+        self._timeouts: Kept[tuple[float | None, ...], aiohttp.ClientTimeout] = Kept(_KEPT)
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -111,9 +112,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         NO_URL_CREDENTIALS). Made once per URL: providers call the same few."""
         made = self._urls.get(url)
         if made is None:
-            if len(self._urls) >= _KEPT:
-                self._urls.clear()
-            made = self._urls[url] = yarl.URL(url, encoded=True).with_user(None)
+            made = self._urls.keep(url, yarl.URL(url, encoded=True).with_user(None))
         return made
 
     def _timeout(
@@ -123,10 +122,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         key = (pool, connect, read)
         made = self._timeouts.get(key)
         if made is None:
-            if len(self._timeouts) >= _KEPT:
-                self._timeouts.clear()
-            made = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None, connect=pool, sock_connect=connect, sock_read=read
+            made = self._timeouts.keep(
+                key,
+                aiohttp.ClientTimeout(
+                    total=None, connect=pool, sock_connect=connect, sock_read=read
+                ),
             )
         return made
 

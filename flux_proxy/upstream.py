@@ -341,7 +341,6 @@ class Upstream:
         client); ``reads`` is the gateway's budget for answers being read
         (flux_proxy/read_budget.py)."""
         self.provider = provider
-        self._http = http
         self._send = send or client_send(http)
         self._build = build or RequestBuilder(http)
         self._secrets = [key] if key else []

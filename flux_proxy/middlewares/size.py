@@ -11,9 +11,7 @@ from flux_proxy.runtime import Runtime
 from flux_proxy.schema import GeneratedImage, Handling, ImageJob, ImageResult
 from flux_proxy.sizes import (
     PIXEL_FIELDS,
-    SizeLimits,
     SizePlan,
-    SizePlanner,
     TargetSize,
     pixel_fields,
 )
@@ -25,10 +23,9 @@ class SizeMiddleware(Layer):
 
     def __init__(self, runtime: Runtime, options: BaseModel) -> None:
         limits = runtime.settings.limits
-        # The check and the call resolve the same size: the planner does it once.
-        self._sizes = SizePlanner(
-            SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels)
-        )
+        # The check and the call resolve the same size as admission: the runtime's
+        # planner does it once.
+        self._sizes = runtime.sizes
         self._runtime = runtime
         self._max_decode = limits.max_upstream_pixels
 

@@ -5,7 +5,7 @@ options and upstream line the same way for all."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -14,14 +14,11 @@ from flux_proxy.capabilities import Capabilities
 from flux_proxy.config import ConfigError, ProviderConfig
 from flux_proxy.errors import GatewayError
 from flux_proxy.hosts import KeyHosts
-from flux_proxy.schema import GeneratedImage, ImageJob, Progress
+from flux_proxy.schema import GeneratedImage, ImageJob, Progress, ignore_progress
 from flux_proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from flux_proxy.runtime import Runtime
-
-# Where a job's progress goes when nobody listens (ImageJob's default sink).
-_NO_PROGRESS = next(field.default for field in fields(ImageJob) if field.name == "progress")
 
 
 class Provider(Protocol):
@@ -207,7 +204,7 @@ class UpstreamProvider(Generic[SpecT, OptionsT]):
         entry = self.entry(job.target.config)
         upstream = self.upstream(job, entry)
         sink = job.progress
-        if sink is not _NO_PROGRESS:  # nothing to redact where it goes nowhere: no copy
+        if sink is not ignore_progress:  # nothing to redact where it goes nowhere: no copy
 
             async def redacted(progress: Progress) -> None:
                 await sink(replace(progress, status=upstream.redact(progress.status, limit=100)))
