@@ -22,14 +22,16 @@ from flux_proxy.errors import UpstreamError, UpstreamTimeout
 from flux_proxy.imaging import check_pixels, probe
 from flux_proxy.peek import ImageBytes, is_complete, pixel_size, sniff_format
 from flux_proxy.read_budget import ReadBudget
+from flux_proxy.request_builder import RequestBuilder
 from flux_proxy.schema import GeneratedImage
-from flux_proxy.upstream import AnswerTooLarge, client_send, send_capped
+from flux_proxy.upstream import AnswerTooLarge, Send, send_capped
 
 
 class ImageFetcher:
     def __init__(
         self,
-        http: Callable[[], httpx.AsyncClient],
+        send: Send,
+        build: Callable[[], RequestBuilder],
         *,
         policy: AddressPolicy,
         dns: ResolverFactory,
@@ -37,7 +39,10 @@ class ImageFetcher:
         max_pixels: int,
         reads: ReadBudget | None = None,
     ) -> None:
-        self._http = http
+        # The gateway's own client, the way providers' calls use it (Runtime.send and
+        # build_request): no redirect is followed and no cookie kept either way.
+        self._send = send
+        self._build = build
         self._reads = reads
         self._max_pixels = max_pixels
         self._policy = policy
@@ -48,13 +53,12 @@ class ImageFetcher:
         if url.startswith("data:"):
             return b64.decode(self.data_uri_text(url))
         await self.check_url(url)
-        http = self._http()
         try:
             # The same capped read as every upstream answer: refused at the cap, never
             # held whole first.
             response = await send_capped(
-                client_send(http),
-                http.build_request("GET", url),
+                self._send,
+                self._build()("GET", url, headers={}),
                 max_bytes=self._max_bytes,
                 reads=self._reads,
             )

@@ -73,7 +73,8 @@ class Runtime:
         origins = [t.base_url for t in settings.provider_configs() if t.base_url]
         private = settings.fetch.allow_private_hosts
         self.fetcher = ImageFetcher(
-            lambda: self.http,
+            self.send,
+            lambda: self.build_request,
             policy=AddressPolicy(origins, private),
             dns=resolver,
             max_bytes=limits.max_fetch_bytes,
