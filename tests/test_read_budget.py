@@ -82,6 +82,48 @@ async def test_a_read_of_unknown_length_counts_what_it_reads_without_waiting() -
     assert later.done() and budget.held == 1
 
 
+async def test_fresh_reads_share_the_cpu_in_turn_though_memory_would_allow_more() -> None:
+    budget = ReadBudget(1000, fresh_bytes=100, stall=3600)  # never stale in this test
+    first = await budget.reserve(60)
+    second, third = waiting(budget, 50), waiting(budget, 10)
+    await settle()
+    # Memory allows all three; the fresh share does not, and the third, though it would
+    # fit, waits behind the second.
+    assert not second.done() and not third.done() and budget.held == 60
+    first.release()
+    await settle()
+    assert second.done() and third.done() and budget.held == 60
+    second.result().release()
+    third.result().release()
+    assert budget.held == 0
+
+
+async def test_a_stalled_read_lets_the_next_begin_before_it_ends() -> None:
+    budget = ReadBudget(1000, fresh_bytes=100, stall=0.01)
+    slow = await budget.reserve(100)
+    next_one = waiting(budget, 100)
+    await settle()
+    assert not next_one.done()
+    # The first read is still going (waiting on its network): once stale, the next begins.
+    following = await asyncio.wait_for(next_one, timeout=10)
+    assert budget.held == 200
+    slow.release()
+    following.release()
+    assert budget.held == 0
+
+
+async def test_a_read_larger_than_the_fresh_share_begins_alone() -> None:
+    budget = ReadBudget(1000, fresh_bytes=100, stall=3600)
+    large = await budget.reserve(500)  # nothing fresh: it begins at once
+    small = waiting(budget, 1)
+    await settle()
+    assert not small.done()
+    large.release()
+    await settle()
+    assert small.done() and budget.held == 1
+    small.result().release()
+
+
 def noise_png(side: int) -> bytes:
     buffer = io.BytesIO()
     Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(buffer, "PNG")
