@@ -155,11 +155,14 @@ class Plan:
             rows.append((g[key], ask, ["upstream", BASELINE, "flux-pass"], [mid], g[key]))
         rounds = {g["d-webp"]: self.encode_repeats, g["d-avif"]: self.encode_repeats}
         rounds |= {g["e-1"]: self.work_rounds, g["e-4"]: self.work_rounds}
+        # Each level across every target before the next level: a target and the
+        # forwarder it is compared with run seconds apart instead of twenty, so the load
+        # that comes and goes on a shared machine weighs on both alike.
         return [
             Scenario(group, ask, target, level, baseline, rounds.get(group))
             for group, ask, names, levels, baseline in rows
-            for target in names
             for level in levels
+            for target in names
         ]
 
 
