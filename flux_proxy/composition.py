@@ -20,6 +20,7 @@ from flux_proxy.config import ConfigError, MiddlewareEntry
 from flux_proxy.errors import InvalidRequest
 from flux_proxy.pipeline import Effect, Layer, LayerClass, Stack
 from flux_proxy.schema import ImageJob, ImageRequest
+from flux_proxy.sizes import names_no_size
 
 if TYPE_CHECKING:
     from flux_proxy.runtime import Runtime
@@ -181,7 +182,7 @@ class StackGuard:
                 self._check_native_n(job)
                 continue
             value = getattr(request, param)
-            if value is None or (param == "size" and value.strip().lower() == "auto"):
+            if value is None or (param == "size" and names_no_size(value)):
                 continue  # nothing asked: the default applies
             offered = self._offered.get(param)
             raise self._refuse(

@@ -73,7 +73,7 @@ def requested_target(
             )
         aspect_ratio = None
     # width and height are exact pixels: below an explicit size, above a shape.
-    if pixels is not None and (size is None or size.strip().lower() == "auto"):
+    if pixels is not None and names_no_size(size):
         size = f"{pixels[0]}x{pixels[1]}"
     return resolve_target(
         size=size,
@@ -82,6 +82,13 @@ def requested_target(
         capabilities=capabilities,
         limits=limits,
     )
+
+
+def names_no_size(size: str | None) -> bool:
+    """Whether ``size`` leaves the size to the other fields: absent, or ``auto`` (in any
+    case, spaces around it allowed). Every layer asks this one question, so a request
+    is never read as sized by one and unsized by another."""
+    return size is None or size.strip().lower() == "auto"
 
 
 def pixel_fields(extras: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -156,7 +163,7 @@ def resolve_target(
     limits: SizeLimits,
 ) -> TargetSize:
     """The exact pixel size this request must produce."""
-    if size is not None and size.strip().lower() != "auto":
+    if size is not None and not names_no_size(size):
         pixels = _parse_pixels(size)
         if pixels is not None:
             width, height = pixels

@@ -91,6 +91,7 @@ def test_width_and_height_fields_mean_exact_pixels(client: openai.OpenAI) -> Non
     for extra in (
         {"width": 800, "height": 600},
         {"aspect_ratio": "custom", "width": 800, "height": 600},
+        {"size": " Auto ", "width": 800, "height": 600},  # auto, as every layer reads it
     ):
         raw = client.images.with_raw_response.generate(
             model="flux1.1-pro", prompt="x", response_format="b64_json", extra_body=extra

@@ -13,6 +13,7 @@ from flux_proxy.sizes import (
     PIXEL_FIELDS,
     SizePlan,
     TargetSize,
+    names_no_size,
     pixel_fields,
 )
 
@@ -48,7 +49,7 @@ class SizeMiddleware(Layer):
         self._report(job, target, (width, height))
         fields = job.fields
         request = job.request
-        if pixel_fields(request.extras) is not None and request.size in (None, "auto"):
+        if pixel_fields(request.extras) is not None and names_no_size(request.size):
             # Consumed here: the provider gets the size in its own form instead.
             fields = {k: v for k, v in fields.items() if k not in PIXEL_FIELDS}
             for name in PIXEL_FIELDS:
@@ -97,7 +98,7 @@ class SizeMiddleware(Layer):
         tail = f"; provider makes {made}, gateway resizes to {target.text}" if resized else ""
         handling: Handling = "emulated" if resized else "converted"
         size = job.request.size
-        if "size" in sent and size is not None and size.strip().lower() != "auto":
+        if "size" in sent and not names_no_size(size):
             if target.exact and not resized:
                 job.report.record("size", "passthrough", f"{target.text}")
             else:
