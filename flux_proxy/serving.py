@@ -29,6 +29,7 @@ With ``--workers N``, ``Workers`` supervises N such processes on one listening s
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -53,21 +54,38 @@ ENDING_SECONDS = 1.0
 STARTUP_FAILURE = 3
 # What a worker is given beyond its grace period to exit before it is killed.
 WORKER_EXIT_MARGIN_SECONDS = 5.0
+# Allocations between two collections of the youngest generation (CPython's default:
+# 700). A request makes a few thousand short-lived objects, nearly all freed by their
+# reference counts: at 700 the collector ran several times a request, each time walking
+# what the requests in flight hold. 4% of a url pass-through's instructions (callgrind).
+YOUNG_COLLECTION_THRESHOLD = 10_000
 
 
 class GracefulServer(uvicorn.Server):
     """uvicorn with the shutdown described in the module docstring."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain, grace_seconds: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        drain: Drain,
+        grace_seconds: float,
+        *,
+        own_process: bool = False,
+    ) -> None:
+        """``own_process``: the process is this server's alone (``flux-proxy serve``), so
+        its garbage collector may be tuned for serving (see ``settle_heap``)."""
         super().__init__(config)
         self._drain = drain
         self._grace = grace_seconds
+        self._own_process = own_process
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hurry = asyncio.Event()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        if self._own_process:
+            settle_heap()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         again = self.should_exit
@@ -110,6 +128,19 @@ class GracefulServer(uvicorn.Server):
         return len(self._drain) == 0
 
 
+def settle_heap() -> None:
+    """Tune the collector for serving, once everything start-up made is in place.
+
+    What start-up made (modules, schemas, the app) lives as long as the process: frozen,
+    it is no longer walked by every full collection (3.5% of a url pass-through's
+    instructions). The youngest generation is collected less often (see
+    YOUNG_COLLECTION_THRESHOLD); the older ones keep CPython's ratios."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
+
+
 def stop_listening(server: uvicorn.Server, sockets: list[socket.socket] | None) -> None:
     """Refuse new connections and close the idle ones; busy ones close after their answer."""
     for listener in server.servers:
@@ -128,7 +159,7 @@ def run(
     **options: Any,
 ) -> int:
     """Serve ``app`` until a signal stops it (``options`` as ``uvicorn.Config``'s); the status."""
-    server = GracefulServer(uvicorn.Config(app, **options), drain, grace_seconds)
+    server = GracefulServer(uvicorn.Config(app, **options), drain, grace_seconds, own_process=True)
     with suppress(KeyboardInterrupt):  # a second Ctrl-C while the loop winds down
         server.run(sockets)
     return 0 if server.started else STARTUP_FAILURE
