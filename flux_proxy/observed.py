@@ -119,10 +119,10 @@ class _ObservedStream(WholeBody):
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._inner.__aiter__()  # the chunks as they come, no layer in between
 
-    async def read_whole(self) -> bytes:
+    async def read_pieces(self) -> list[bytes]:
         if isinstance(self._inner, WholeBody):
-            return await self._inner.read_whole()
-        return await super().read_whole()
+            return await self._inner.read_pieces()
+        return await super().read_pieces()
 
     async def aclose(self) -> None:
         try:

@@ -159,9 +159,9 @@ class _AnswerStream(WholeBody):
             async for chunk in self._answer.content.iter_chunked(_CHUNK):
                 yield chunk
 
-    async def read_whole(self) -> bytes:
-        # The chunks as the parser fed them, joined once (aiohttp's read() joins what
-        # is buffered at each wake-up, then all of it again). The parser stops at the
+    async def read_pieces(self) -> list[bytes]:
+        # The chunks as the parser fed them, never joined here (aiohttp's read() joins
+        # what is buffered at each wake-up, then all of it again). The parser stops at the
         # Content-Length; the answer goes back to the pool as its last byte arrives.
         content = self._answer.content
         # Its turn to be read has come (read_budget.py): no more pausing the socket at
@@ -179,7 +179,7 @@ class _AnswerStream(WholeBody):
         except BaseException:
             blocks.clear()  # not held by the traceback (see upstream._capped_chunks)
             raise
-        return b"".join(blocks)
+        return blocks
 
     async def aclose(self) -> None:
         self._answer.release()  # back to the pool when read to the end, else closed

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import orjson
 
-from flux_proxy.answer_body import WholeBody
+from flux_proxy.answer_body import PiecewiseAnswer, WholeBody
 from flux_proxy.errors import (
     ContentPolicyViolation,
     GatewayError,
@@ -31,7 +31,7 @@ from flux_proxy.errors import (
     redact,
 )
 from flux_proxy.hosts import KeyHosts
-from flux_proxy.json_blobs import loads_keeping
+from flux_proxy.json_blobs import Pieces, loads_keeping
 from flux_proxy.native_body import public_param
 from flux_proxy.read_budget import ReadBudget, Reservation
 from flux_proxy.request_builder import RequestBuilder
@@ -160,6 +160,8 @@ def upstream_json(
     never parsed into a str (see flux_proxy/json_blobs.py)."""
     try:
         if keep_bytes is not None:
+            if isinstance(response, PiecewiseAnswer):  # cut from the pieces: never joined
+                return loads_keeping(Pieces(response.pieces), keep_bytes)
             return loads_keeping(response.content, keep_bytes)
         return orjson.loads(response.content)
     except (ValueError, UnicodeDecodeError):
@@ -230,6 +232,7 @@ async def _read_capped(
 ) -> httpx.Response:
     response = await send(request)
     held = None
+    pieces: list[bytes] = []
     try:
         length, encoded = _framing(response.headers)
         if length is not None and length > max_bytes:
@@ -240,30 +243,25 @@ async def _read_capped(
         stream = response.stream
         if known is not None and isinstance(stream, WholeBody):
             # Its length known and under the cap, nothing to decode: one read.
-            content = await stream.read_whole()
+            pieces = await stream.read_pieces()
         else:
-            content = await _capped_chunks(response, max_bytes, held if known is None else None)
+            pieces = [await _capped_chunks(response, max_bytes, held if known is None else None)]
     finally:
         if held is not None:
             held.release()
         await response.aclose()
     if known is not None:
         # Read as it came, nothing decoded: the answer's own headers are the copy's.
-        copy = httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=httpx.ByteStream(content),
-            request=request,
+        return PiecewiseAnswer(
+            response.status_code, headers=response.headers, pieces=pieces, request=request
         )
-        copy.read()
-        return copy
     # aiter_bytes already undid any content-encoding: the copy must not claim one.
     headers = [
         (k, v)
         for k, v in response.headers.multi_items()
         if k not in ("content-encoding", "content-length")
     ]
-    return httpx.Response(response.status_code, headers=headers, content=content, request=request)
+    return httpx.Response(response.status_code, headers=headers, content=pieces[0], request=request)
 
 
 def _framing(headers: httpx.Headers) -> tuple[int | None, bool]:

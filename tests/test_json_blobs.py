@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from flux_proxy.json_blobs import loads_keeping
+from flux_proxy.json_blobs import Pieces, loads_keeping
 
 TEXT = base64.b64encode(bytes(range(256)) * 40).decode()
 
@@ -73,3 +73,35 @@ def test_what_is_not_json_is_refused_as_a_plain_parse_refuses_it(body: str) -> N
         orjson.loads(body.encode())
     with pytest.raises(ValueError):
         loads_keeping(body.encode(), "b64_json")
+
+
+def split(raw: bytes, size: int) -> Pieces:
+    return Pieces([raw[at : at + size] for at in range(0, len(raw), size)])
+
+
+@pytest.mark.parametrize("size", [7, 1000])
+@pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
+def test_a_body_in_pieces_reads_as_the_same_body_whole(body: str, size: int) -> None:
+    raw = body.encode()
+    assert loads_keeping(split(raw, size), "b64_json") == loads_keeping(raw, "b64_json")
+
+
+@pytest.mark.parametrize("size", [1, 3, 7])
+@pytest.mark.parametrize("body", BROKEN)
+def test_a_broken_body_in_pieces_is_refused_too(body: str, size: int) -> None:
+    with pytest.raises(ValueError):
+        loads_keeping(split(body.encode(), size), "b64_json")
+
+
+def test_pieces_find_and_cut_as_the_joined_bytes_would() -> None:
+    raw = b'ab"\\ab"ba"b\\"a"bab'
+    for size in range(1, len(raw) + 1):
+        pieces = split(raw, size)
+        assert pieces.whole() == raw
+        for sub in (b"a", b'"', b'b"', b'\\"a', b'a"bab', b"x"):
+            for start in range(len(raw) + 1):
+                for end in (start, start + 3, len(raw)):
+                    assert pieces.find(sub, start, end) == raw.find(sub, start, end)
+        for start in range(len(raw) + 1):
+            for end in range(start, len(raw) + 1):
+                assert pieces.cut(start, end) == raw[start:end]
