@@ -14,7 +14,7 @@ once on its way through, not twice (joined, then cut out).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import httpx
 
@@ -48,7 +48,7 @@ class PiecewiseAnswer(httpx.Response):
         self,
         status_code: int,
         *,
-        headers: httpx.Headers,
+        headers: httpx.Headers | Sequence[tuple[bytes, bytes]],
         pieces: list[bytes],
         request: httpx.Request,
     ) -> None:

@@ -19,6 +19,7 @@ from flux_proxy.answer_body import WholeBody
 from flux_proxy.logs import EVENT, log_url
 from flux_proxy.metrics import Children, Metrics
 from flux_proxy.request_context import PEER_EXTENSION, RequestContext, current
+from flux_proxy.transport import AiohttpTransport, WireAnswer
 
 logger = logging.getLogger("flux_proxy.upstream")
 
@@ -28,20 +29,27 @@ NO_ANSWER = "error"  # the status label of an exchange that got no answer
 class ObservedTransport(httpx.AsyncBaseTransport):
     def __init__(self, inner: httpx.AsyncBaseTransport, metrics: Metrics) -> None:
         self._inner = inner
+        # The gateway's own wire answers without making httpx's Response first.
+        self._wire = inner if isinstance(inner, AiohttpTransport) else None
         self._series = _Series(metrics)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return (await self.exchange(request)).as_response()
+
+    async def exchange(self, request: httpx.Request) -> WireAnswer:
+        """The answer, its head read; the exchange ends when its body is closed."""
         context = current()
         exchange = _Exchange(request, context, self._series)
         try:
-            response = await self._inner.handle_async_request(request)
+            if self._wire is not None:
+                answer = await self._wire.exchange(request)
+            else:
+                answer = WireAnswer.of(await self._inner.handle_async_request(request))
         except BaseException:
             exchange.ended(NO_ANSWER)
             raise
-        body = response.stream
-        assert isinstance(body, httpx.AsyncByteStream)  # an async transport's answer
-        response.stream = _ObservedStream(body, exchange, str(response.status_code))
-        return response
+        answer.body = _ObservedStream(answer.body, exchange, str(answer.status_code))
+        return answer
 
     async def aclose(self) -> None:
         await self._inner.aclose()

@@ -28,7 +28,7 @@ from flux_proxy.signing import UrlSigner
 from flux_proxy.sigv4 import AwsCredentials, SigV4Signer
 from flux_proxy.sizes import SizeLimits, SizePlanner
 from flux_proxy.store import DirectoryImageStore, ImageStore, MemoryImageStore
-from flux_proxy.transport import NO_URL_CREDENTIALS, AiohttpTransport
+from flux_proxy.transport import NO_URL_CREDENTIALS, AiohttpTransport, WireAnswer
 
 logger = logging.getLogger("flux_proxy")
 # httpx's own logger: the per-request line it writes, written for requests sent past it.
@@ -54,7 +54,7 @@ class Runtime:
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._wire: httpx.AsyncBaseTransport | None = None  # the client's transport
+        self._wire: ObservedTransport | None = None  # the client's transport
         self._builder: RequestBuilder | None = None  # the client's requests
         limits = settings.limits
         self.metrics = Metrics(self.environ)
@@ -73,7 +73,7 @@ class Runtime:
         origins = [t.base_url for t in settings.provider_configs() if t.base_url]
         private = settings.fetch.allow_private_hosts
         self.fetcher = ImageFetcher(
-            self.send,
+            self.exchange,
             lambda: self.build_request,
             policy=AddressPolicy(origins, private),
             dns=resolver,
@@ -125,25 +125,32 @@ class Runtime:
         return self._builder
 
     async def send(self, request: httpx.Request) -> httpx.Response:
-        """A request ``http`` built, straight onto its transport; the answer streamed.
+        """A request ``http`` built, straight onto its transport; the answer streamed."""
+        return (await self.exchange(request)).as_response()
+
+    async def exchange(self, request: httpx.Request) -> WireAnswer:
+        """A request ``http`` built, straight onto its transport; the answer's head read.
 
         What ``AsyncClient.send`` adds around the transport is never used by a
         provider call: no auth (the client's is none), no redirect followed, no cookie
         kept (its jar accepts none). It cost a fifth of a url pass-through's CPU (the
-        jar's look at every answer alone 4-5%), so providers' calls go this way. The
-        request line httpx would log is logged the same, under its logger."""
+        jar's look at every answer alone 4-5%), so providers' calls go this way, and
+        take the answer as the wire gives it (no httpx.Response made for one read whole
+        at once). The request line httpx would log is logged the same, under its logger."""
         _ = self.http  # opens the client, and with it the transport, if need be
         assert self._wire is not None
-        response = await self._wire.handle_async_request(request)
-        _httpx_logger.info(
-            'HTTP Request: %s %s "%s %d %s"',
-            request.method,
-            request.url,
-            response.http_version,
-            response.status_code,
-            response.reason_phrase,
-        )
-        return response
+        answer = await self._wire.exchange(request)
+        if _httpx_logger.isEnabledFor(logging.INFO):
+            response = answer.as_response()
+            _httpx_logger.info(
+                'HTTP Request: %s %s "%s %d %s"',
+                request.method,
+                request.url,
+                response.http_version,
+                response.status_code,
+                response.reason_phrase,
+            )
+        return answer
 
     def secret(self, env_name: str | None) -> str | None:
         """A secret from the environment, by the variable's name in config."""

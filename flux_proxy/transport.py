@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import aiohttp
@@ -57,6 +57,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
         self._urls: Kept[str, yarl.URL] = Kept(_KEPT)
+        self._last_url: tuple[httpx.URL, yarl.URL] | None = None
         self._timeouts: Kept[tuple[float | None, ...], aiohttp.ClientTimeout] = Kept(_KEPT)
 
     def _open(self) -> aiohttp.ClientSession:
@@ -79,6 +80,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return (await self.exchange(request)).as_response()
+
+    async def exchange(self, request: httpx.Request) -> WireAnswer:
+        """The answer to ``request``, its head read, its body not (see WireAnswer)."""
         timeout = request.extensions.get("timeout", {})
         try:
             body: bytes | httpx.AsyncByteStream | None = request.content or None
@@ -87,7 +92,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         with _as_httpx_errors(request):
             answer = await self._open().request(
                 request.method,
-                self._url(str(request.url)),
+                self._url(request.url),
                 headers=_headers(request.headers),
                 data=body,
                 allow_redirects=False,
@@ -95,24 +100,28 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     timeout.get("pool"), timeout.get("connect"), timeout.get("read")
                 ),
             )
-        extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
-        if answer.reason:
-            extensions["reason_phrase"] = answer.reason.encode("latin-1", "replace")
-        return httpx.Response(
+        return WireAnswer(
             answer.status,
-            headers=list(answer.raw_headers),
-            stream=_AnswerStream(answer, request),
-            request=request,
-            extensions=extensions,
+            answer.raw_headers,
+            _AnswerStream(answer, request),
+            request,
+            reason=answer.reason,
         )
 
-    def _url(self, url: str) -> yarl.URL:
+    def _url(self, url: httpx.URL) -> yarl.URL:
         """``url`` byte for byte, as httpx encoded it, but with no userinfo: aiohttp would
         turn user:pass@ into an Authorization header, as httpx would (see
-        NO_URL_CREDENTIALS). Made once per URL: providers call the same few."""
-        made = self._urls.get(url)
+        NO_URL_CREDENTIALS). Made once per URL: providers call the same few, each
+        parsed once (request_builder.py), so the last one made is kept by its object
+        too (httpx writes a URL out anew at every ``str``)."""
+        last = self._last_url
+        if last is not None and last[0] is url:
+            return last[1]
+        text = str(url)
+        made = self._urls.get(text)
         if made is None:
-            made = self._urls.keep(url, yarl.URL(url, encoded=True).with_user(None))
+            made = self._urls.keep(text, yarl.URL(text, encoded=True).with_user(None))
+        self._last_url = (url, made)
         return made
 
     def _timeout(
@@ -147,6 +156,70 @@ def _headers(headers: httpx.Headers) -> list[tuple[str, str]]:
         ]
     except UnicodeDecodeError:
         return [(k, v) for k, v in headers.multi_items() if k != "transfer-encoding"]
+
+
+class WireAnswer:
+    """An upstream's answer with its head read and its body not: what the gateway's own
+    calls take from the wire. httpx's Response for it is made only when a caller asks
+    for one (``as_response``): an answer read whole at once needs none.
+
+    ``of`` holds an answer another transport made (a test's, say) as it is."""
+
+    __slots__ = ("_reason", "_request", "_response", "body", "raw_headers", "status_code")
+
+    def __init__(
+        self,
+        status_code: int,
+        raw_headers: Sequence[tuple[bytes, bytes]],
+        body: httpx.AsyncByteStream,
+        request: httpx.Request | None,
+        *,
+        reason: str | None = None,
+        response: httpx.Response | None = None,
+    ) -> None:
+        """``body`` may be replaced (by one that watches it) before ``as_response``."""
+        self.status_code = status_code
+        self.raw_headers = raw_headers
+        self.body = body
+        self._request = request
+        self._reason = reason
+        self._response = response
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> WireAnswer:
+        body = response.stream
+        assert isinstance(body, httpx.AsyncByteStream)  # an async transport's answer
+        return cls(response.status_code, response.headers.raw, body, None, response=response)
+
+    def as_response(self) -> httpx.Response:
+        """The answer as httpx's, its body (``body``) still to be read; made once."""
+        response = self._response
+        if response is None:
+            extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
+            if self._reason:
+                extensions["reason_phrase"] = self._reason.encode("latin-1", "replace")
+            response = self._response = httpx.Response(
+                self.status_code,
+                headers=list(self.raw_headers),
+                stream=self.body,
+                request=self._request,
+                extensions=extensions,
+            )
+        else:
+            response.stream = self.body
+        return response
+
+    @property
+    def headers(self) -> httpx.Headers | Sequence[tuple[bytes, bytes]]:
+        """The headers as httpx holds them where it made the answer, else as they came."""
+        return self._response.headers if self._response is not None else self.raw_headers
+
+    async def aclose(self) -> None:
+        """Close the body: as httpx does where it made the answer (its state, its errors)."""
+        if self._response is not None:
+            await self.as_response().aclose()
+        else:
+            await self.body.aclose()
 
 
 class _AnswerStream(WholeBody):

@@ -35,6 +35,7 @@ from flux_proxy.json_blobs import Pieces, loads_keeping
 from flux_proxy.native_body import public_param
 from flux_proxy.read_budget import ReadBudget, Reservation
 from flux_proxy.request_builder import RequestBuilder
+from flux_proxy.transport import WireAnswer
 
 if TYPE_CHECKING:
     from flux_proxy.schema import ImageJob
@@ -183,15 +184,15 @@ def upstream_transport_errors(provider: str) -> Iterator[None]:
         ) from None
 
 
-# Sends a built request and answers with its response still streaming.
-Send = Callable[[httpx.Request], Awaitable[httpx.Response]]
+# Sends a built request and answers with its head read, its body still streaming.
+Send = Callable[[httpx.Request], Awaitable[WireAnswer]]
 
 
 def client_send(http: httpx.AsyncClient) -> Send:
     """``http.send``, streamed: for a client that is not the gateway's own."""
 
-    async def send(request: httpx.Request) -> httpx.Response:
-        return await http.send(request, stream=True)
+    async def send(request: httpx.Request) -> WireAnswer:
+        return WireAnswer.of(await http.send(request, stream=True))
 
     return send
 
@@ -230,30 +231,32 @@ async def send_capped(
 async def _read_capped(
     send: Send, request: httpx.Request, max_bytes: int, reads: ReadBudget | None
 ) -> httpx.Response:
-    response = await send(request)
+    answer = await send(request)
     held = None
     pieces: list[bytes] = []
     try:
-        length, encoded = _framing(response.headers)
+        length, encoded = _framing(answer.raw_headers)
         if length is not None and length > max_bytes:
             raise AnswerTooLarge()
         # Only a compressed body decodes to more than it says.
         known = length if not encoded else None
         held = await reads.reserve(known) if reads is not None else None
-        stream = response.stream
+        stream = answer.body
         if known is not None and isinstance(stream, WholeBody):
-            # Its length known and under the cap, nothing to decode: one read.
+            # Its length known and under the cap, nothing to decode: one read, and no
+            # httpx.Response made for the answer on the wire, only for what was read.
             pieces = await stream.read_pieces()
         else:
+            response = answer.as_response()
             pieces = [await _capped_chunks(response, max_bytes, held if known is None else None)]
     finally:
         if held is not None:
             held.release()
-        await response.aclose()
+        await answer.aclose()
     if known is not None:
         # Read as it came, nothing decoded: the answer's own headers are the copy's.
         return PiecewiseAnswer(
-            response.status_code, headers=response.headers, pieces=pieces, request=request
+            answer.status_code, headers=answer.headers, pieces=pieces, request=request
         )
     # aiter_bytes already undid any content-encoding: the copy must not claim one.
     headers = [
@@ -264,13 +267,13 @@ async def _read_capped(
     return httpx.Response(response.status_code, headers=headers, content=pieces[0], request=request)
 
 
-def _framing(headers: httpx.Headers) -> tuple[int | None, bool]:
+def _framing(raw_headers: Sequence[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
     """The answer's Content-Length, where it gives one number, and whether it has a
     Content-Encoding: one look at the raw headers (httpx's lookup by name of a header
     that is absent costs a KeyError, 4% of a url pass-through's CPU)."""
     lengths: list[bytes] = []
     encoded = False
-    for name, value in headers.raw:
+    for name, value in raw_headers:
         lowered = name.lower()
         if lowered == b"content-length":
             lengths.append(value)
@@ -334,7 +337,8 @@ class Upstream:
         reads: ReadBudget | None = None,
         build: RequestBuilder | None = None,
     ) -> None:
-        """``send`` takes the requests ``http`` builds (default: ``http.send``);
+        """``send`` takes the requests ``http`` builds (default: ``http.send``; the
+        gateway's: ``Runtime.exchange``);
         ``build`` builds them (default: one for ``http``; the gateway keeps one per
         client); ``reads`` is the gateway's budget for answers being read
         (flux_proxy/read_budget.py)."""

@@ -238,7 +238,7 @@ class UpstreamProvider(Generic[SpecT, OptionsT]):
         return Upstream(
             provider=self.name,
             http=runtime.http,
-            send=runtime.send,
+            send=runtime.exchange,
             build=runtime.build_request,
             key=key,
             auth={self.key_header: f"{self.key_prefix}{key}"} if key else {},
