@@ -55,6 +55,15 @@ def check(text: bytes) -> None:
         decode(view[start:end])
 
 
+def is_strict(text: bytes) -> bool:
+    """Whether ``text`` passes :func:`check`."""
+    try:
+        check(text)
+    except InvalidBase64:
+        return False
+    return True
+
+
 def decoded_length(text: bytes) -> int:
     """How many bytes ``text`` (checked base64) decodes to."""
     padding = 2 if text.endswith(b"==") else 1 if text.endswith(b"=") else 0

@@ -14,7 +14,10 @@ the value runs to the next quote. A value holding a backslash (an escape) is lef
 to the parser, so what is cut out is the string as it is. Where the name's first
 quote only looked like an opening delimiter (it closed an earlier string), the body
 is not JSON, and the rest, still holding that, fails to parse too. A value is not
-checked here beyond that; the base64 it should be is checked where it is used.
+checked here beyond that, unless it should be base64 (``base64=True``): then only
+strict base64 is kept, checked here, where the check is the one pass over the value
+that also shows it holds no escape (the alphabet has no backslash); a 1 MP image's
+separate scan for a backslash cost about 0.1 ms.
 
 The body may come as the pieces it was read in (``Pieces``): searched where they
 lie, so that a value is the one copy made of its bytes. Joining the pieces first,
@@ -29,6 +32,8 @@ from itertools import accumulate
 from typing import Any
 
 import orjson
+
+from flux_proxy import b64
 
 _WHITESPACE = frozenset(b" \t\r\n")
 _QUOTE, _COLON, _BACKSLASH = 0x22, 0x3A, 0x5C
@@ -95,10 +100,11 @@ class Pieces:
         return -1
 
 
-def loads_keeping(body: bytes | Pieces, member: str) -> Any:
+def loads_keeping(body: bytes | Pieces, member: str, *, base64: bool = False) -> Any:
     """``orjson.loads(body)``, except that every escape-free string value of a member
-    named ``member`` is ``bytes`` (its text in the body). Raises ValueError (orjson's
-    JSONDecodeError) for a body that is not JSON."""
+    named ``member`` is ``bytes`` (its text in the body); with ``base64``, every such
+    value that is strict base64 (``b64.check``), and only those. Raises ValueError
+    (orjson's JSONDecodeError) for a body that is not JSON."""
     pieces = body if isinstance(body, Pieces) else Pieces([body])
     values: list[bytes] = []
     rest: list[bytes] = []
@@ -110,10 +116,18 @@ def loads_keeping(body: bytes | Pieces, member: str) -> Any:
         if start is None:
             continue
         end = pieces.find(b'"', start)
-        if end == -1 or pieces.find(b"\\", start, end) != -1:
-            continue  # unterminated (the parser says so) or escaped: parsed as usual
+        if end == -1:
+            continue  # unterminated: the parser says so
+        if base64:
+            value = pieces.cut(start, end)
+            if not b64.is_strict(value):
+                continue  # escaped, or no base64: parsed as usual
+        elif pieces.find(b"\\", start, end) != -1:
+            continue  # escaped: parsed as usual
+        else:
+            value = pieces.cut(start, end)
         rest += (pieces.cut(kept, start), _MARK_JSON, str(len(values)).encode(), b'"')
-        values.append(pieces.cut(start, end))
+        values.append(value)
         kept = searched = end + 1
     if not values:
         return orjson.loads(pieces.whole())

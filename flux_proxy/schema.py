@@ -263,10 +263,13 @@ class GeneratedImage:
         pixels: Image.Image | None = None,
         *,
         b64: bytes | None = None,
+        b64_checked: bool = False,
     ) -> None:
+        """``b64_checked``: ``b64`` is known to be strict base64 (checked where it
+        was read), so ``checked_b64`` need not check it again."""
         self._data = data
         self._b64 = b64
-        self._b64_checked = False
+        self._b64_checked = b64_checked
         self.url = url
         # Read from the bytes, never taken from a label; see ``assumed``.
         self.media_type = media_type

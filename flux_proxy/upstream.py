@@ -152,18 +152,23 @@ def _openai_field(response: httpx.Response, name: str) -> str | None:
 
 
 def upstream_json(
-    response: httpx.Response, *, provider: str, what: str, keep_bytes: str | None = None
+    response: httpx.Response, *, provider: str, what: str, keep_base64: str | None = None
 ) -> Any:
     """The answer's JSON, or a 502 saying the upstream sent something else.
 
     Parsed by orjson, straight from the bytes: answers carry megabytes of base64. With
-    ``keep_bytes``, that member's escape-free string values stay the answer's bytes,
-    never parsed into a str (see flux_proxy/json_blobs.py)."""
+    ``keep_base64``, that member's values that are strict base64 stay the answer's
+    bytes, checked, never parsed into a str (see flux_proxy/json_blobs.py); any
+    other value of it is a str."""
     try:
-        if keep_bytes is not None:
-            if isinstance(response, PiecewiseAnswer):  # cut from the pieces: never joined
-                return loads_keeping(Pieces(response.pieces), keep_bytes)
-            return loads_keeping(response.content, keep_bytes)
+        if keep_base64 is not None:
+            # Cut from the pieces it was read in, where it is: the body is never joined.
+            body: bytes | Pieces = (
+                Pieces(response.pieces)
+                if isinstance(response, PiecewiseAnswer)
+                else response.content
+            )
+            return loads_keeping(body, keep_base64, base64=True)
         return orjson.loads(response.content)
     except (ValueError, UnicodeDecodeError):
         raise UpstreamError(
@@ -396,8 +401,8 @@ class Upstream:
                 reads=self._reads,
             )
 
-    def json(self, response: httpx.Response, what: str, *, keep_bytes: str | None = None) -> Any:
-        return upstream_json(response, provider=self.provider, what=what, keep_bytes=keep_bytes)
+    def json(self, response: httpx.Response, what: str, *, keep_base64: str | None = None) -> Any:
+        return upstream_json(response, provider=self.provider, what=what, keep_base64=keep_base64)
 
     def json_object(self, response: httpx.Response, what: str) -> dict[str, Any]:
         payload = self.json(response, what)

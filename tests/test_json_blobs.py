@@ -34,11 +34,25 @@ BODIES = {
 }
 
 
+@pytest.mark.parametrize("base64", [False, True])
 @pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
-def test_the_answer_is_what_a_plain_parse_gives(body: str) -> None:
+def test_the_answer_is_what_a_plain_parse_gives(body: str, base64: bool) -> None:
     raw = body.encode()
-    kept = loads_keeping(raw, "b64_json")
+    kept = loads_keeping(raw, "b64_json", base64=base64)
     assert as_parsed(kept) == orjson.loads(raw)
+
+
+NO_BASE64 = ["QUJ", "QU=D", "QUJD!", "QU JD", "QQ==QUJD"]
+
+
+@pytest.mark.parametrize("text", NO_BASE64)
+def test_with_base64_only_strict_base64_is_kept_as_bytes(text: str) -> None:
+    body = json.dumps({"data": [{"b64_json": text}, {"b64_json": TEXT}]}).encode()
+    first, second = loads_keeping(body, "b64_json", base64=True)["data"]
+    assert first == {"b64_json": text}  # parsed, as a plain parse gives it
+    assert second == {"b64_json": TEXT.encode()}
+    # Without base64, any escape-free value is kept.
+    assert loads_keeping(body, "b64_json")["data"][0] == {"b64_json": text.encode()}
 
 
 def test_escape_free_values_of_the_member_are_bytes_and_others_are_not() -> None:
@@ -84,6 +98,9 @@ def split(raw: bytes, size: int) -> Pieces:
 def test_a_body_in_pieces_reads_as_the_same_body_whole(body: str, size: int) -> None:
     raw = body.encode()
     assert loads_keeping(split(raw, size), "b64_json") == loads_keeping(raw, "b64_json")
+    assert loads_keeping(split(raw, size), "b64_json", base64=True) == loads_keeping(
+        raw, "b64_json", base64=True
+    )
 
 
 @pytest.mark.parametrize("size", [1, 3, 7])

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.images import assert_image, make_image, non_canonical_base64
@@ -65,6 +65,27 @@ def test_unchanged_base64_reaches_the_client_as_the_upstream_wrote_it(
     passed_on = response.json()["data"][0]["b64_json"]
     assert passed_on == text
     assert_image(base64.b64decode(passed_on), "png", size)
+
+
+@pytest.mark.parametrize("stray", ["!", "=", "\\u0021"])
+def test_base64_with_a_stray_character_inside_is_a_502(serve_upstream, start_gateway, stray):
+    # Past the header and before the end, so only the check of the whole text sees it;
+    # "\\u0021" is JSON's escape of "!", read by the parser (the text is a str then).
+    image = make_image("png", (64, 64))
+    text = base64.b64encode(image).decode()
+    middle = len(text) // 2 // 4 * 4
+    body = json.dumps({"created": 1, "data": [{"b64_json": "TEXT"}]})
+    body = body.replace("TEXT", text[:middle] + stray + text[middle + 1 :])
+
+    async def answer(request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/images/generations", answer, methods=["POST"])])
+    gateway = start_gateway(model(serve_upstream(app)))
+    for response_format in ("b64_json", "url"):
+        response = generate(gateway, size="64x64", response_format=response_format)
+        error = assert_openai_error(response, 502)
+        assert "base64 is invalid" in error["message"], error
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])

@@ -57,8 +57,9 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
         response = await upstream.request("POST", url, json=self._body(job, entry.options))
         if response.status_code != 200:
             raise upstream.error(response)
-        # The images' base64 stays the answer's bytes: passed on as it is, never a str.
-        payload = upstream.json(response, "request", keep_bytes="b64_json")
+        # The images' base64 stays the answer's bytes (checked strict base64 on the
+        # way): passed on as it is, never a str.
+        payload = upstream.json(response, "request", keep_base64="b64_json")
         return await self._images(payload, job)
 
     def _body(self, job: ImageJob, options: OpenAIOptions) -> dict[str, Any]:
@@ -96,9 +97,17 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
             text = item.get("b64_json")
             if isinstance(text, bytes | str):
                 # Kept as the upstream's text: passed on as it is unless a layer needs
-                # the bytes (fetcher.ensure_data decodes it then). A str is a value the
-                # upstream wrote with escapes (such as \/), read by the JSON parser.
-                images.append(GeneratedImage(b64=_ascii(text), seed=seed, revised_prompt=revised))
+                # the bytes (fetcher.ensure_data decodes it then). Bytes are checked
+                # base64 already; a str is a value the upstream wrote with escapes (such
+                # as \/) or that is no base64, read by the JSON parser, checked later.
+                images.append(
+                    GeneratedImage(
+                        b64=_ascii(text),
+                        b64_checked=isinstance(text, bytes),
+                        seed=seed,
+                        revised_prompt=revised,
+                    )
+                )
             elif isinstance(item.get("url"), str):
                 # A data: URI (some compatible hosts inline the image) is kept as text too.
                 image = await self.image_at(item["url"], seed)
@@ -111,7 +120,7 @@ class OpenAICompatibleProvider(UpstreamProvider[ModelSpec, OpenAIOptions]):
 
 def _ascii(text: bytes | str) -> bytes:
     if isinstance(text, bytes):
-        return text  # checked as base64 where it is used, like any upstream's
+        return text
     try:
         return text.encode("ascii")
     except UnicodeEncodeError:
