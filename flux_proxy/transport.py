@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
 
 import aiohttp
 import httpx
@@ -89,7 +89,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             body: bytes | httpx.AsyncByteStream | None = request.content or None
         except httpx.RequestNotRead:  # a streamed body (the forwarder's)
             body = request.stream  # type: ignore[assignment]
-        with _as_httpx_errors(request):
+        with _HttpxErrors(request):
             answer = await self._open().request(
                 request.method,
                 self._url(request.url),
@@ -228,7 +228,7 @@ class _AnswerStream(WholeBody):
         self._request = request
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _as_httpx_errors(self._request):
+        with _HttpxErrors(self._request):
             async for chunk in self._answer.content.iter_chunked(_CHUNK):
                 yield chunk
 
@@ -245,7 +245,7 @@ class _AnswerStream(WholeBody):
             widen(sys.maxsize)
         blocks: list[bytes] = []
         try:
-            with _as_httpx_errors(self._request):
+            with _HttpxErrors(self._request):
                 while not content.at_eof():
                     block, _ = await content.readchunk()
                     blocks.append(block)
@@ -258,17 +258,40 @@ class _AnswerStream(WholeBody):
         self._answer.release()  # back to the pool when read to the end, else closed
 
 
-@contextmanager
-def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as error:
-        raise httpx.ConnectTimeout(str(error), request=request) from error
-    except (aiohttp.ServerTimeoutError, TimeoutError) as error:
-        raise httpx.ReadTimeout(str(error), request=request) from error
-    except aiohttp.ClientConnectorError as error:
-        raise httpx.ConnectError(str(error), request=request) from error
-    except aiohttp.InvalidURL as error:
-        raise httpx.UnsupportedProtocol(str(error), request=request) from error
-    except aiohttp.ClientError as error:
-        raise httpx.ReadError(str(error), request=request) from error
+class _HttpxErrors:
+    """aiohttp's failures raised as httpx's. A class, not a generator-based context
+    manager: it is entered for every exchange and every body read, and a generator's
+    making, entering and leaving cost several times this one's."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: httpx.Request) -> None:
+        self._request = request
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if error is not None and (mapped := _httpx_error(error, self._request)) is not None:
+            raise mapped from error
+
+
+def _httpx_error(error: BaseException, request: httpx.Request) -> httpx.TransportError | None:
+    """httpx's exception for one of aiohttp's (or a timeout's); None for anything else."""
+    text = str(error)
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(text, request=request)
+    if isinstance(error, aiohttp.ServerTimeoutError | TimeoutError):
+        return httpx.ReadTimeout(text, request=request)
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(text, request=request)
+    if isinstance(error, aiohttp.InvalidURL):
+        return httpx.UnsupportedProtocol(text, request=request)
+    if isinstance(error, aiohttp.ClientError):
+        return httpx.ReadError(text, request=request)
+    return None

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -176,17 +176,38 @@ def upstream_json(
         ) from None
 
 
-@contextmanager
-def upstream_transport_errors(provider: str) -> Iterator[None]:
-    """Turn httpx's transport failures into 502/504 answers."""
-    try:
-        yield
-    except httpx.TimeoutException:
-        raise UpstreamTimeout(f"The {provider} upstream did not answer in time.") from None
-    except httpx.HTTPError as exc:
-        raise UpstreamError(
-            f"The {provider} upstream could not be reached ({type(exc).__name__})."
-        ) from None
+def upstream_transport_errors(provider: str) -> _TransportErrors:
+    """Turn httpx's transport failures into 502/504 answers (``with ...:``)."""
+    return _TransportErrors(provider)
+
+
+class _TransportErrors:
+    """upstream_transport_errors' context manager: a class, not a generator-based one,
+    entered for every upstream call (a generator's making, entering and leaving cost
+    several times this one's)."""
+
+    __slots__ = ("_provider",)
+
+    def __init__(self, provider: str) -> None:
+        self._provider = provider
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(error, httpx.TimeoutException):
+            raise UpstreamTimeout(
+                f"The {self._provider} upstream did not answer in time."
+            ) from None
+        if isinstance(error, httpx.HTTPError):
+            raise UpstreamError(
+                f"The {self._provider} upstream could not be reached ({type(error).__name__})."
+            ) from None
 
 
 # Sends a built request and answers with its head read, its body still streaming.
