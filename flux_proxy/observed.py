@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
+from prometheus_client import Counter, Histogram
 
 from flux_proxy.answer_body import WholeBody
 from flux_proxy.logs import EVENT, log_url
@@ -56,17 +57,23 @@ class ObservedTransport(httpx.AsyncBaseTransport):
 
 
 class _Series:
-    """Each provider's (and status's) metric series, each looked up once."""
+    """Each provider's (and status's) metric series, each pair looked up once."""
 
-    __slots__ = ("_requests", "_seconds")
+    __slots__ = ("_pairs", "_requests", "_seconds")
 
     def __init__(self, metrics: Metrics) -> None:
         self._seconds = Children(metrics.upstream_seconds)
         self._requests = Children(metrics.upstream_requests)
+        # Bounded as the label values are (providers and statuses; see metrics.py).
+        self._pairs: dict[tuple[str, str], tuple[Histogram, Counter]] = {}
 
     def observe(self, provider: str, status: str, seconds: float) -> None:
-        self._seconds(provider).observe(seconds)
-        self._requests(provider, status).inc()
+        pair = self._pairs.get((provider, status))
+        if pair is None:
+            pair = self._seconds(provider), self._requests(provider, status)
+            self._pairs[provider, status] = pair
+        pair[0].observe(seconds)
+        pair[1].inc()
 
 
 class _Exchange:

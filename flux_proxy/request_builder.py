@@ -26,6 +26,9 @@ _ENCODER = stdlib_json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), al
 # The headers httpx sets from the body or the URL, ahead of (Host) or after the others.
 _OWN = frozenset({"host", "content-length", "content-type", "transfer-encoding"})
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})  # httpx says Content-Length: 0 for these
+_JSON_TYPE = (b"Content-Type", b"application/json")
+# A request's head, by method, URL, whether it has no body, and the call's headers.
+_HeadKey = tuple[str, str, bool, tuple[tuple[str, str], ...]]
 # URLs kept parsed: a provider's endpoints are few; URLs an upstream hands back (polls)
 # are parsed each time and not kept.
 MAX_KEPT_URLS = 256
@@ -44,6 +47,9 @@ class RequestBuilder:
         self._default_names = _OWN | {name.lower() for name in http.headers}
         self._timeout = http.timeout.as_dict()
         self._urls: Kept[str, httpx.URL] = Kept(MAX_KEPT_URLS)
+        self._heads: Kept[_HeadKey, tuple[httpx.URL, list[tuple[bytes, bytes]]]] = Kept(
+            MAX_KEPT_URLS
+        )
 
     def __call__(
         self,
@@ -59,22 +65,25 @@ class RequestBuilder:
         makes; ``keep_url`` keeps ``url`` parsed for the next call (a provider's own
         endpoint, not a URL from an answer)."""
         merged = params or self._http.cookies or not self._plain
-        if merged or not self._own_headers_free(headers):
+        if merged:
             return self._http.build_request(method, url, json=json, params=params, headers=headers)
-        parsed = self._url(url) if keep_url else httpx.URL(url)
-        raw: list[tuple[bytes, bytes]] = []
-        if parsed.host:
-            raw.append((b"Host", parsed.netloc))
+        # A provider's own endpoint is called with the same headers every time: its
+        # request's head (all but the body's length) is worked out once.
+        key = (method, url, json is None, tuple(headers.items())) if keep_url else None
+        made = self._heads.get(key) if key is not None else None
+        if made is None:
+            if not self._own_headers_free(headers):
+                return self._http.build_request(
+                    method, url, json=json, params=params, headers=headers
+                )
+            made = self._head(method, url, json is None, headers, keep_url=keep_url)
+            if key is not None:
+                self._heads.keep(key, made)
+        parsed, raw = made
         body = b""
         if json is not None:
             body = _ENCODER.encode(json).encode("utf-8")
-        elif method.upper() in _WITH_BODY:
-            raw.append((b"Content-Length", b"0"))
-        raw += self._defaults
-        raw += [(name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()]
-        if json is not None:
-            raw.append((b"Content-Length", str(len(body)).encode()))
-            raw.append((b"Content-Type", b"application/json"))
+            raw = [*raw, (b"Content-Length", str(len(body)).encode()), _JSON_TYPE]
         request = httpx.Request(
             method,
             parsed,
@@ -84,6 +93,20 @@ class RequestBuilder:
         )
         request.read()  # the body as request.content, as httpx's own build leaves it
         return request
+
+    def _head(
+        self, method: str, url: str, bodiless: bool, headers: Mapping[str, str], *, keep_url: bool
+    ) -> tuple[httpx.URL, list[tuple[bytes, bytes]]]:
+        """The URL parsed, and the headers httpx puts before a JSON body's own two."""
+        parsed = self._url(url) if keep_url else httpx.URL(url)
+        raw: list[tuple[bytes, bytes]] = []
+        if parsed.host:
+            raw.append((b"Host", parsed.netloc))
+        if bodiless and method.upper() in _WITH_BODY:
+            raw.append((b"Content-Length", b"0"))
+        raw += self._defaults
+        raw += [(name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()]
+        return parsed, raw
 
     def _own_headers_free(self, headers: Mapping[str, str]) -> bool:
         """None of ``headers`` is one the client or the body sets, nor two of them the
