@@ -17,7 +17,7 @@ from flux_proxy.errors import UpstreamError
 # decoded copy of a whole image is ever held just to check its text, large enough that
 # pybase64's cost per call is paid a few times per image, not dozens (a 1 MP PNG's
 # 1.5 MB of text: 64 KiB pieces cost ~1.3x what 512 KiB ones do).
-_CHECK_CHUNK = 512 * 1024
+CHECK_CHUNK = 512 * 1024
 _PAD = ord("=")
 
 
@@ -38,7 +38,7 @@ def encode(data: bytes) -> bytes:
     return pybase64.b64encode(data)
 
 
-def check(text: bytes) -> None:
+def check(text: bytes | memoryview) -> None:
     """Raise InvalidBase64 unless ``text`` is strict base64, without decoding it whole.
 
     Text that passes can be spliced into JSON as it is: the alphabet needs no escaping.
@@ -46,16 +46,16 @@ def check(text: bytes) -> None:
     if len(text) % 4:
         raise InvalidBase64()
     view = memoryview(text)
-    last = len(text) - _CHECK_CHUNK
-    for start in range(0, len(text), _CHECK_CHUNK):
-        end = start + _CHECK_CHUNK
+    last = len(text) - CHECK_CHUNK
+    for start in range(0, len(text), CHECK_CHUNK):
+        end = start + CHECK_CHUNK
         # Padding ends a piece that is valid on its own; only the last one may have it.
         if start < last and view[end - 1] == _PAD:
             raise InvalidBase64()
         decode(view[start:end])
 
 
-def is_strict(text: bytes) -> bool:
+def is_strict(text: bytes | memoryview) -> bool:
     """Whether ``text`` passes :func:`check`."""
     try:
         check(text)

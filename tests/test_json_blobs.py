@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from typing import Any
 
 import orjson
 import pytest
 
+from flux_proxy import b64
 from flux_proxy.json_blobs import Pieces, loads_keeping
 
 TEXT = base64.b64encode(bytes(range(256)) * 40).decode()
@@ -122,3 +124,34 @@ def test_pieces_find_and_cut_as_the_joined_bytes_would() -> None:
         for start in range(len(raw) + 1):
             for end in range(start, len(raw) + 1):
                 assert pieces.cut(start, end) == raw[start:end]
+
+
+def reference_keeping(raw: bytes, written: str) -> Any:
+    """What loads_keeping(base64=True) gives for a body whose first value is written
+    as ``written``, worked out the long way: kept where it has no escape and is strict
+    base64 (checked whole), parsed otherwise."""
+    parsed = orjson.loads(raw)
+    if "\\" not in written and b64.is_strict(written.encode()):
+        parsed["data"][0]["b64_json"] = written.encode()
+    parsed["data"][1]["b64_json"] = b"QUJD"
+    return parsed
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 12, 16])
+def test_base64_checked_a_stretch_at_a_time_keeps_what_the_whole_check_keeps(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small stretches (a multiple of 4, as b64.check needs) and pieces, so that groups,
+    # padding and the quote fall on every kind of boundary between them.
+    monkeypatch.setattr(b64, "CHECK_CHUNK", chunk)
+    draw = random.Random(chunk)
+    texts = ["", "QQ==", "QUI=", "QUJD", "QQ==QUJD", "QUJDQQ==", "QU=D", "QUJ", "Q", "QUJD!"]
+    texts += [
+        "".join(draw.choice("QUJD=+/!") for _ in range(draw.randrange(12))) for _ in range(40)
+    ]
+    for text in texts:
+        value = text.replace("!", "\\u0021") if draw.random() < 0.5 else text.replace("!", "\\/")
+        raw = ('{"data": [{"b64_json": "' + value + '"}, {"b64_json": "QUJD"}]}').encode()
+        expected = reference_keeping(raw, value)
+        for size in (1, 2, 3, 7):
+            assert loads_keeping(split(raw, size), "b64_json", base64=True) == expected, text

@@ -127,11 +127,11 @@ def test_base64_check_finds_a_fault_anywhere_in_a_long_text(at: str, fault: byte
     """A text of several pieces as the check reads them: a quote, backslash, line break
     or padding anywhere but the end fails it, at a piece's edge as well as inside one."""
     text = bytearray(base64.b64encode(bytes(range(256)) * 8000))  # ~2.7 MB of text
-    assert len(text) > 4 * b64._CHECK_CHUNK
+    assert len(text) > 4 * b64.CHECK_CHUNK
     where = {
         "first": 0,
-        "boundary": b64._CHECK_CHUNK - 1,
-        "after": b64._CHECK_CHUNK,
+        "boundary": b64.CHECK_CHUNK - 1,
+        "after": b64.CHECK_CHUNK,
         "last": len(text) - 5,
     }[at]
     b64.check(bytes(text))  # valid as made
@@ -142,8 +142,8 @@ def test_base64_check_finds_a_fault_anywhere_in_a_long_text(at: str, fault: byte
 
 def test_base64_check_refuses_padding_that_ends_a_piece_not_the_text() -> None:
     """Each piece valid on its own, padded at a piece's end: not one strict base64 text."""
-    head = base64.b64encode(b"x" * (b64._CHECK_CHUNK // 4 * 3 - 2))
-    assert len(head) == b64._CHECK_CHUNK and head.endswith(b"==")
+    head = base64.b64encode(b"x" * (b64.CHECK_CHUNK // 4 * 3 - 2))
+    assert len(head) == b64.CHECK_CHUNK and head.endswith(b"==")
     with pytest.raises(b64.InvalidBase64):
         b64.check(head + base64.b64encode(b"abc"))
     b64.check(head)  # padding that ends the text is fine
