@@ -84,6 +84,7 @@ class ReadBudget:
         self._fresh: deque[Reservation] = deque()  # in the order they began
         self._waiting: deque[tuple[int, asyncio.Future[Reservation]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def held(self) -> int:
@@ -145,9 +146,12 @@ class ReadBudget:
     def _watch_for_stalls(self) -> None:
         """While reads wait on fresh ones, look again when the oldest goes stale: one
         timer for the budget, only while something waits."""
-        if self._timer is not None or not self._fresh:
-            return
         loop = asyncio.get_running_loop()
+        # A timer of a loop that has closed (an app served by one loop, then another)
+        # never fires: not one to wait for.
+        if not self._fresh or (self._timer is not None and self._timer_loop is loop):
+            return
+        self._timer_loop = loop
         self._timer = loop.call_at(self._fresh[0].begun + self.stall, self._stale)
 
     def _stale(self) -> None:

@@ -112,6 +112,25 @@ async def test_a_stalled_read_lets_the_next_begin_before_it_ends() -> None:
     assert budget.held == 0
 
 
+def test_a_budget_served_by_a_second_loop_still_watches_for_stalls() -> None:
+    budget = ReadBudget(1000, fresh_bytes=100, stall=0.01)
+
+    async def stalled_while_one_waits(leave_waiting: bool) -> None:
+        # On the second loop the first loop's read, never ended, holds the fresh share
+        # until it goes stale: only a timer on this loop lets this one begin.
+        slow = await asyncio.wait_for(budget.reserve(100), timeout=10)
+        following = waiting(budget, 100)
+        await settle()  # the stall timer is armed on this loop
+        if leave_waiting:
+            following.cancel()
+            return  # the loop ends with its timer pending and the first read held
+        (await asyncio.wait_for(following, timeout=10)).release()
+        slow.release()
+
+    asyncio.run(stalled_while_one_waits(leave_waiting=True))
+    asyncio.run(stalled_while_one_waits(leave_waiting=False))
+
+
 async def test_a_read_larger_than_the_fresh_share_begins_alone() -> None:
     budget = ReadBudget(1000, fresh_bytes=100, stall=3600)
     large = await budget.reserve(500)  # nothing fresh: it begins at once
