@@ -203,7 +203,11 @@ class FluxProxy:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Every HTTP request gets an id (the client's, if valid), echoed on its answer
         (by the drain's send, the one wrapper every answer goes through)."""
-        given = next((v for k, v in scope["headers"] if k == _REQUEST_ID_NAME), None)
+        given = None
+        for name, value in scope["headers"]:  # a loop, not next() over a generator: cheaper
+            if name == _REQUEST_ID_NAME:
+                given = value
+                break
         context = RequestContext(request_id_from(given))
         token = enter(context)
         try:
