@@ -138,11 +138,11 @@ def reference_keeping(raw: bytes, written: str) -> Any:
 
 
 @pytest.mark.parametrize("chunk", [4, 8, 12, 16])
-def test_base64_checked_a_stretch_at_a_time_keeps_what_the_whole_check_keeps(
+def test_with_base64_what_is_kept_is_what_the_check_of_the_whole_value_passes(
     chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Small stretches (a multiple of 4, as b64.check needs) and pieces, so that groups,
-    # padding and the quote fall on every kind of boundary between them.
+    # Small pieces, and b64.check's stretches small (a multiple of 4, as it needs), so
+    # that groups, padding and the quote fall on every kind of boundary between them.
     monkeypatch.setattr(b64, "CHECK_CHUNK", chunk)
     draw = random.Random(chunk)
     texts = ["", "QQ==", "QUI=", "QUJD", "QQ==QUJD", "QUJDQQ==", "QU=D", "QUJ", "Q", "QUJD!"]
