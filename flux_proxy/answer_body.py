@@ -62,9 +62,10 @@ class PiecewiseAnswer(httpx.Response):
 
     @property
     def content(self) -> bytes:
-        joined = b"".join(self._pieces)
-        self._pieces = [joined]
-        return joined
+        if len(self._pieces) != 1:
+            # In place: the stream holds the same list, so the pieces go once joined.
+            self._pieces[:] = [b"".join(self._pieces)]
+        return self._pieces[0]
 
     def read(self) -> bytes:
         return self.content

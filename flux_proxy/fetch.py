@@ -39,7 +39,7 @@ class ImageFetcher:
         max_pixels: int,
         reads: ReadBudget | None = None,
     ) -> None:
-        # The gateway's own client, the way providers' calls use it (Runtime.send and
+        # The gateway's own client, the way providers' calls use it (Runtime.exchange and
         # build_request): no redirect is followed and no cookie kept either way.
         self._send = send
         self._build = build

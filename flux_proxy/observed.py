@@ -18,7 +18,7 @@ from prometheus_client import Counter, Histogram
 
 from flux_proxy.answer_body import WholeBody
 from flux_proxy.logs import EVENT, log_url
-from flux_proxy.metrics import Children, Metrics
+from flux_proxy.metrics import Metrics
 from flux_proxy.request_context import PEER_EXTENSION, RequestContext, current
 from flux_proxy.transport import AiohttpTransport, WireAnswer
 
@@ -62,15 +62,15 @@ class _Series:
     __slots__ = ("_pairs", "_requests", "_seconds")
 
     def __init__(self, metrics: Metrics) -> None:
-        self._seconds = Children(metrics.upstream_seconds)
-        self._requests = Children(metrics.upstream_requests)
+        self._seconds = metrics.upstream_seconds
+        self._requests = metrics.upstream_requests
         # Bounded as the label values are (providers and statuses; see metrics.py).
         self._pairs: dict[tuple[str, str], tuple[Histogram, Counter]] = {}
 
     def observe(self, provider: str, status: str, seconds: float) -> None:
         pair = self._pairs.get((provider, status))
         if pair is None:
-            pair = self._seconds(provider), self._requests(provider, status)
+            pair = self._seconds.labels(provider), self._requests.labels(provider, status)
             self._pairs[provider, status] = pair
         pair[0].observe(seconds)
         pair[1].inc()

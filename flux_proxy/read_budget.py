@@ -119,8 +119,9 @@ class ReadBudget:
     def _begin(self, size: int) -> Reservation:
         held = Reservation(self, size, asyncio.get_running_loop().time())
         self._held += size
-        self._fresh_held += size
-        self._fresh.append(held)
+        if size:  # an empty answer (Content-Length: 0) holds no share, so is not listed
+            self._fresh_held += size
+            self._fresh.append(held)
         return held
 
     def _give_back(self, held: Reservation) -> None:

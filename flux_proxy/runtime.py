@@ -124,10 +124,6 @@ class Runtime:
         assert self._builder is not None
         return self._builder
 
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        """A request ``http`` built, straight onto its transport; the answer streamed."""
-        return (await self.exchange(request)).as_response()
-
     async def exchange(self, request: httpx.Request) -> WireAnswer:
         """A request ``http`` built, straight onto its transport; the answer's head read.
 
@@ -141,14 +137,13 @@ class Runtime:
         assert self._wire is not None
         answer = await self._wire.exchange(request)
         if _httpx_logger.isEnabledFor(logging.INFO):
-            response = answer.as_response()
             _httpx_logger.info(
                 'HTTP Request: %s %s "%s %d %s"',
                 request.method,
                 request.url,
-                response.http_version,
-                response.status_code,
-                response.reason_phrase,
+                answer.http_version,
+                answer.status_code,
+                answer.reason_phrase,
             )
         return answer
 

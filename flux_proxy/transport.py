@@ -57,7 +57,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
         self._urls: Kept[str, yarl.URL] = Kept(_KEPT)
-        self._last_url: tuple[httpx.URL, yarl.URL] | None = None
         self._timeouts: Kept[tuple[float | None, ...], aiohttp.ClientTimeout] = Kept(_KEPT)
 
     def _open(self) -> aiohttp.ClientSession:
@@ -111,17 +110,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _url(self, url: httpx.URL) -> yarl.URL:
         """``url`` byte for byte, as httpx encoded it, but with no userinfo: aiohttp would
         turn user:pass@ into an Authorization header, as httpx would (see
-        NO_URL_CREDENTIALS). Made once per URL: providers call the same few, each
-        parsed once (request_builder.py), so the last one made is kept by its object
-        too (httpx writes a URL out anew at every ``str``)."""
-        last = self._last_url
-        if last is not None and last[0] is url:
-            return last[1]
+        NO_URL_CREDENTIALS). Made once per URL: providers call the same few."""
         text = str(url)
         made = self._urls.get(text)
         if made is None:
             made = self._urls.keep(text, yarl.URL(text, encoded=True).with_user(None))
-        self._last_url = (url, made)
         return made
 
     def _timeout(
@@ -210,6 +203,16 @@ class WireAnswer:
         return response
 
     @property
+    def http_version(self) -> str:
+        return self._response.http_version if self._response is not None else "HTTP/1.1"
+
+    @property
+    def reason_phrase(self) -> str:
+        if self._response is not None:
+            return self._response.reason_phrase
+        return self._reason or httpx.codes.get_reason_phrase(self.status_code)
+
+    @property
     def headers(self) -> httpx.Headers | Sequence[tuple[bytes, bytes]]:
         """The headers as httpx holds them where it made the answer, else as they came."""
         return self._response.headers if self._response is not None else self.raw_headers
@@ -277,8 +280,16 @@ class _HttpxErrors:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if error is not None and (mapped := _httpx_error(error, self._request)) is not None:
-            raise mapped from error
+        if error is None:
+            return
+        mapped = _httpx_error(error, self._request)
+        if mapped is not None:
+            try:
+                raise mapped from error
+            finally:
+                # This frame is in the new error's traceback: holding the error too, it
+                # would keep every frame of the failed exchange in a reference cycle.
+                del mapped
 
 
 def _httpx_error(error: BaseException, request: httpx.Request) -> httpx.TransportError | None:

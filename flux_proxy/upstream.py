@@ -259,7 +259,7 @@ async def _read_capped(
 ) -> httpx.Response:
     answer = await send(request)
     held = None
-    pieces: list[bytes] = []
+    response: httpx.Response | None = None  # made only to decode (chunked, compressed)
     try:
         length, encoded = _framing(answer.raw_headers)
         if length is not None and length > max_bytes:
@@ -284,6 +284,7 @@ async def _read_capped(
         return PiecewiseAnswer(
             answer.status_code, headers=answer.headers, pieces=pieces, request=request
         )
+    assert response is not None
     # aiter_bytes already undid any content-encoding: the copy must not claim one.
     headers = [
         (k, v)

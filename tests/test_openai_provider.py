@@ -293,7 +293,7 @@ def test_malformed_upstream_answers_are_502(start_gateway, payload):
 
 
 def test_each_upstream_call_is_logged_as_httpx_logs_its_requests(recorder, start_gateway, caplog):
-    """Provider calls go past httpx's client straight to its transport (runtime.send);
+    """Provider calls go past httpx's client straight to its transport (runtime.exchange);
     the request line httpx writes for each is written all the same."""
     caplog.set_level(logging.INFO, logger="httpx")
     gateway = start_gateway(config(recorder.url), environ={"UPSTREAM_KEY": SECRET})

@@ -131,6 +131,16 @@ def test_a_budget_served_by_a_second_loop_still_watches_for_stalls() -> None:
     asyncio.run(stalled_while_one_waits(leave_waiting=False))
 
 
+async def test_empty_answers_leave_nothing_behind() -> None:
+    budget = ReadBudget(1000, fresh_bytes=100, stall=3600)
+    for _ in range(3):  # Content-Length: 0 (a 204, an empty 429)
+        (await budget.reserve(0)).release()
+    large = waiting(budget, 500)  # nothing is being read: it begins at once
+    await settle()
+    assert large.done() and budget.held == 500
+    large.result().release()
+
+
 async def test_a_read_larger_than_the_fresh_share_begins_alone() -> None:
     budget = ReadBudget(1000, fresh_bytes=100, stall=3600)
     large = await budget.reserve(500)  # nothing fresh: it begins at once

@@ -4,14 +4,18 @@ real loopback servers it keeps httpx's guarantees: no cookie replayed, failures 
 from __future__ import annotations
 
 import base64
+import gc
 import gzip
 import json
+import weakref
 from typing import Any
 
+import aiohttp
 import httpx
+import pytest
 from starlette.types import Receive, Scope, Send
 
-from flux_proxy.transport import _headers
+from flux_proxy.transport import _headers, _HttpxErrors
 from tests.images import assert_image, make_image
 from tests.openapi import assert_openai_error
 from tests.upstream_openai import gateway_config
@@ -124,3 +128,23 @@ def test_request_headers_reach_aiohttp_as_httpx_decodes_them():
         headers = httpx.Headers(raw)
         expected = [(k, v) for k, v in headers.multi_items() if k != "transfer-encoding"]
         assert _headers(headers) == expected
+
+
+def test_a_mapped_failure_keeps_no_frame_of_the_exchange_alive() -> None:
+    class Held:
+        """Stands for what a failed exchange's frames hold (an answer's bytes)."""
+
+    def exchange(alive: list[weakref.ref[Held]]) -> None:
+        held = Held()
+        alive.append(weakref.ref(held))
+        with _HttpxErrors(httpx.Request("POST", "http://upstream.test/v1")):
+            raise aiohttp.ClientPayloadError("cut short")
+
+    alive: list[weakref.ref[Held]] = []
+    gc.disable()  # only reference counts free it: no cycle may hold the frame
+    try:
+        with pytest.raises(httpx.ReadError):
+            exchange(alive)
+        assert alive[0]() is None
+    finally:
+        gc.enable()
