@@ -1,7 +1,8 @@
 """How the C allocator treats the megabyte buffers every image answer passes through.
 
-Each b64_json answer is read into one buffer of its size and its base64 copied out into
-another (1.5 MB each for a 1 MP PNG, 6 MB at 4 MP). glibc's malloc by default hands
+Each b64_json answer arrives in aiohttp's pieces (256 KiB each) and its base64 is
+copied out of them into one buffer of its size (1.5 MB for a 1 MP PNG, 6 MB at 4 MP;
+flux_proxy/json_blobs.py). glibc's malloc by default hands
 blocks that large back to the kernel as soon as they are freed: through ``munmap`` for
 those it mapped, and by trimming the heap's top past 2x its (moving) mmap threshold.
 The next request then faults the same memory back in, page by page: measured on
