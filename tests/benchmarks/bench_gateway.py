@@ -573,27 +573,36 @@ def linearity(plan: Plan, results: Sequence[Result]) -> Verdict:
     """Cost per request against the answer's bytes: the large image may cost no more
     than 1.15x the line through the small and middle ones. The cost is the server's
     CPU time per request, which other work on the machine barely moves; where /proc
-    cannot tell it, 1 / req/s (the same on a saturated CPU)."""
+    cannot tell it, 1 / req/s (the same on a saturated CPU). The aiohttp forwarder's
+    own figure is printed beside: how linear a bare proxy is on the machine."""
     mid = plan.levels[1]
     g = plan.groups()
     at = {(r.scenario.group, r.scenario.target, r.scenario.concurrency): r for r in results}
-    rows = [at[g[key], "flux-pass", mid] for key in ("f-small", "f-mid", "f-large")]
-    by_cpu = all(not math.isnan(r.cpu.per_request_ms) for r in rows)
-    points = [
-        # pixels stand in for bytes
-        (side * side, r.cpu.per_request_ms if by_cpu else 1000 / r.measured.rps)
-        for side, r in zip(plan.sides, rows, strict=True)
-    ]
-    (x0, y0), (x1, y1), (x2, y2) = points
-    unit = "CPU ms/request" if by_cpu else "ms/request (1 / req/s)"
-    costs = ", ".join(f"{y:.2f}" for _, y in points)
-    if y1 <= y0:  # noise larger than the cost of the bytes: no line to extend
-        return Verdict(f"(f) b64 c={mid}: cost grows linearly with bytes", costs, None)
-    predicted = y1 + (y1 - y0) / (x1 - x0) * (x2 - x1)
+
+    def bend(target: str) -> tuple[float | None, str]:
+        """The large image's cost over the line, and the three costs, for ``target``."""
+        rows = [at[g[key], target, mid] for key in ("f-small", "f-mid", "f-large")]
+        by_cpu = all(not math.isnan(r.cpu.per_request_ms) for r in rows)
+        points = [
+            # pixels stand in for bytes
+            (side * side, r.cpu.per_request_ms if by_cpu else 1000 / r.measured.rps)
+            for side, r in zip(plan.sides, rows, strict=True)
+        ]
+        (x0, y0), (x1, y1), (x2, y2) = points
+        unit = "CPU ms/request" if by_cpu else "ms/request (1 / req/s)"
+        costs = f"{unit}: " + ", ".join(f"{y:.2f}" for _, y in points)
+        if y1 <= y0:  # noise larger than the cost of the bytes: no line to extend
+            return None, costs
+        return y2 / (y1 + (y1 - y0) / (x1 - x0) * (x2 - x1)), costs
+
+    ratio, costs = bend("flux-pass")
+    floor, _ = bend(BASELINE)
+    beside = f"; the aiohttp forwarder {floor:.2f}x its own" if floor is not None else ""
+    name = f"(f) b64 c={mid}: cost grows linearly with bytes"
+    if ratio is None:
+        return Verdict(name, costs + beside, None)
     return Verdict(
-        f"(f) b64 c={mid}: cost grows linearly with bytes",
-        f"{y2 / predicted:.2f}x the line through the smaller two ({unit}: {costs})",
-        y2 <= 1.15 * predicted,
+        name, f"{ratio:.2f}x the line through the smaller two ({costs}){beside}", ratio <= 1.15
     )
 
 
