@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import os
+from typing import Any
 
 import httpx
 import pytest
@@ -27,8 +28,17 @@ def waiting(budget: ReadBudget, size: int | None) -> asyncio.Task[Reservation]:
     return asyncio.ensure_future(budget.reserve(size))
 
 
-async def test_reads_past_the_budget_wait_and_go_in_turn() -> None:
-    budget = ReadBudget(100)
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_bytes": 100},  # the memory budget
+        # Memory allows all three; the share of fresh reads does not (never stale here).
+        {"max_bytes": 1000, "fresh_bytes": 100, "stall": 3600},
+    ],
+    ids=["memory", "fresh share"],
+)
+async def test_reads_past_a_limit_wait_and_go_in_turn(limits: dict[str, Any]) -> None:
+    budget = ReadBudget(**limits)
     first = await budget.reserve(60)
     second, third = waiting(budget, 50), waiting(budget, 10)
     await settle()
@@ -80,22 +90,6 @@ async def test_a_read_of_unknown_length_counts_what_it_reads_without_waiting() -
     unknown.release()
     await settle()
     assert later.done() and budget.held == 1
-
-
-async def test_fresh_reads_share_the_cpu_in_turn_though_memory_would_allow_more() -> None:
-    budget = ReadBudget(1000, fresh_bytes=100, stall=3600)  # never stale in this test
-    first = await budget.reserve(60)
-    second, third = waiting(budget, 50), waiting(budget, 10)
-    await settle()
-    # Memory allows all three; the fresh share does not, and the third, though it would
-    # fit, waits behind the second.
-    assert not second.done() and not third.done() and budget.held == 60
-    first.release()
-    await settle()
-    assert second.done() and third.done() and budget.held == 60
-    second.result().release()
-    third.result().release()
-    assert budget.held == 0
 
 
 async def test_a_stalled_read_lets_the_next_begin_before_it_ends() -> None:
