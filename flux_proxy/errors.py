@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from types import TracebackType
 
 
 class GatewayError(Exception):
@@ -221,3 +222,40 @@ def redact(text: str, secrets: list[str]) -> str:
         if secret:
             text = text.replace(secret, "[redacted]")
     return text
+
+
+class RaisedAs:
+    """A ``with`` block that raises its failures as other exceptions: ``translate``
+    says which (None: as they are).
+
+    A class, not a generator-based context manager: one is entered for every upstream
+    call and every body read, and a generator's making, entering and leaving cost
+    several times this. The new exception is never left in a local here: this frame is
+    in its traceback, so holding it would keep every frame of the failed block in a
+    reference cycle until the collector ran."""
+
+    __slots__ = ()
+    # Whether the new exception names the one it replaces as its cause.
+    chained = True
+
+    def translate(self, error: BaseException) -> BaseException | None:
+        raise NotImplementedError
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if error is None:
+            return
+        translated = self.translate(error)
+        if translated is None:
+            return
+        try:
+            raise translated from (error if self.chained else None)
+        finally:
+            del translated

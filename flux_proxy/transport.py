@@ -12,7 +12,6 @@ from __future__ import annotations
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from types import TracebackType
 
 import aiohttp
 import httpx
@@ -20,6 +19,7 @@ import yarl
 
 from flux_proxy.addresses import ResolverFactory
 from flux_proxy.answer_body import WholeBody
+from flux_proxy.errors import RaisedAs
 from flux_proxy.kept import Kept
 
 # Headers aiohttp adds when a request has none: httpx sets its own, and a forwarded
@@ -261,35 +261,16 @@ class _AnswerStream(WholeBody):
         self._answer.release()  # back to the pool when read to the end, else closed
 
 
-class _HttpxErrors:
-    """aiohttp's failures raised as httpx's. A class, not a generator-based context
-    manager: it is entered for every exchange and every body read, and a generator's
-    making, entering and leaving cost several times this one's."""
+class _HttpxErrors(RaisedAs):
+    """aiohttp's failures raised as httpx's, for every exchange and body read."""
 
     __slots__ = ("_request",)
 
     def __init__(self, request: httpx.Request) -> None:
         self._request = request
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if error is None:
-            return
-        mapped = _httpx_error(error, self._request)
-        if mapped is not None:
-            try:
-                raise mapped from error
-            finally:
-                # This frame is in the new error's traceback: holding the error too, it
-                # would keep every frame of the failed exchange in a reference cycle.
-                del mapped
+    def translate(self, error: BaseException) -> BaseException | None:
+        return _httpx_error(error, self._request)
 
 
 def _httpx_error(error: BaseException, request: httpx.Request) -> httpx.TransportError | None:

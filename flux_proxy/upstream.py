@@ -14,7 +14,6 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -25,6 +24,7 @@ from flux_proxy.errors import (
     ContentPolicyViolation,
     GatewayError,
     InvalidRequest,
+    RaisedAs,
     RateLimited,
     UpstreamError,
     UpstreamTimeout,
@@ -181,33 +181,23 @@ def upstream_transport_errors(provider: str) -> _TransportErrors:
     return _TransportErrors(provider)
 
 
-class _TransportErrors:
-    """upstream_transport_errors' context manager: a class, not a generator-based one,
-    entered for every upstream call (a generator's making, entering and leaving cost
-    several times this one's)."""
+class _TransportErrors(RaisedAs):
+    """upstream_transport_errors' context manager, entered for every upstream call."""
 
     __slots__ = ("_provider",)
+    chained = False  # the httpx error is not carried on: its text may hold the URL
 
     def __init__(self, provider: str) -> None:
         self._provider = provider
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def translate(self, error: BaseException) -> BaseException | None:
         if isinstance(error, httpx.TimeoutException):
-            raise UpstreamTimeout(
-                f"The {self._provider} upstream did not answer in time."
-            ) from None
+            return UpstreamTimeout(f"The {self._provider} upstream did not answer in time.")
         if isinstance(error, httpx.HTTPError):
-            raise UpstreamError(
+            return UpstreamError(
                 f"The {self._provider} upstream could not be reached ({type(error).__name__})."
-            ) from None
+            )
+        return None
 
 
 # Sends a built request and answers with its head read, its body still streaming.
