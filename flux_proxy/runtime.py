@@ -114,7 +114,7 @@ class Runtime:
                 # A URL's user:pass@ never becomes an Authorization header.
                 auth=NO_URL_CREDENTIALS,
             )
-            self._builder = RequestBuilder(self._client)
+            self._builder = RequestBuilder(self._client, jar_stays_empty=True)
         return self._client
 
     @property

@@ -15,6 +15,15 @@ from flux_proxy.request_builder import MAX_KEPT_URLS, RequestBuilder
 from flux_proxy.runtime import Runtime
 
 AUTH = {"Authorization": "Bearer sk-upstream"}
+
+
+class _Text(str):
+    """A str subclass (an enum of texts, say) whose JSON is the standard library's."""
+
+    def __str__(self) -> str:
+        return "not what JSON says"
+
+
 CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("POST", "http://127.0.0.1:8080/v1/images/generations", {"json": {"prompt": "a cat"}}),
     # Non-ASCII text, nested values, a port, a path that needs no quoting.
@@ -34,6 +43,11 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("POST", "http://up.test/run", {"json": {"a": 1}, "headers": {"accept": "image/png"}}),
     ("POST", "http://up.test/run", {"json": {"a": 1}, "headers": {"content-type": "text/x"}}),
     ("POST", "http://up.test/run", {"headers": {"x-a": "1", "X-A": "2"}}),
+    # Bodies orjson does not write as the standard library does, written as it does:
+    # an integer past 64 bits, a key that is not text, a str subclass, a null in text.
+    ("POST", "http://up.test/run", {"json": {"seed": 2**64 + 1, "n": 2**63}}),
+    ("POST", "http://up.test/run", {"json": {"extra": {1: "a", "t": "null"}}}),
+    ("POST", "http://up.test/run", {"json": {"style": _Text("vivid"), "u": "\u2028\x7f"}}),
 ]
 
 
@@ -66,7 +80,7 @@ def test_requests_are_the_ones_httpx_builds(
 
 
 def test_a_body_httpx_refuses_is_refused_the_same(runtime: Runtime) -> None:
-    for value in (math.nan, {1, 2}):
+    for value in (math.nan, -math.inf, {1, 2}, b"bytes"):
         with pytest.raises((ValueError, TypeError)) as built:
             runtime.build_request("POST", "http://up.test/", json={"x": value}, headers=AUTH)
         with pytest.raises((ValueError, TypeError)) as expected:
