@@ -9,7 +9,6 @@ once, on the way out.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -38,6 +37,7 @@ from flux_proxy.admission import Admission
 from flux_proxy.breaker import BreakerBoard, Clock
 from flux_proxy.composition import build_stack
 from flux_proxy.config import ConfigError, Settings, describe_validation_error, load_settings
+from flux_proxy.deadline import Deadline
 from flux_proxy.disconnect import unless_disconnected
 from flux_proxy.drain import Drain
 from flux_proxy.errors import (
@@ -351,7 +351,7 @@ class FluxProxy:
         # would otherwise hold the request (and its connection) for ever.
         deadline = self.settings.limits.client_body_timeout
         try:
-            async with asyncio.timeout(deadline):
+            with Deadline(deadline):
                 body = await _read_body(request.receive, limit)
         except TimeoutError:
             raise RequestTimeout(

@@ -8,6 +8,8 @@ from typing import TypeVar
 
 from starlette.types import Receive
 
+from flux_proxy.deadline import running_task
+
 T = TypeVar("T")
 
 
@@ -26,8 +28,7 @@ async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]
     of its steps asks sniffio which event loop runs, and its ``cancel()`` formats the
     task's repr); the gateway runs on asyncio anyway (aiohttp's pool).
     """
-    task = asyncio.current_task()
-    assert task is not None
+    task = running_task()
     watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
     try:
         return await work()

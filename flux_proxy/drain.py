@@ -29,6 +29,7 @@ from contextlib import suppress
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flux_proxy.deadline import running_task
 from flux_proxy.errors import GatewayError, ShuttingDown
 
 logger = logging.getLogger("flux_proxy")
@@ -146,8 +147,7 @@ class Drain:
     ) -> None:
         """Serve one HTTP request through ``app``, refusing it if a drain is under way.
         Every answer carries ``headers`` (lower-case names) unless it names them itself."""
-        task = asyncio.current_task()
-        assert task is not None
+        task = running_task()
         entry = _InFlight(self, task, send, headers)
         if self.draining and scope["path"] not in self._exempt:
             await _answer(ShuttingDown(), entry.send)

@@ -10,7 +10,6 @@ report says that too; when every one is skipped, the answer is a fast 503.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ from flux_proxy import b64
 from flux_proxy.admission import Demand
 from flux_proxy.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from flux_proxy.config import Settings
+from flux_proxy.deadline import Deadline
 from flux_proxy.errors import (
     GatewayError,
     InternalError,
@@ -111,12 +111,12 @@ class Generator:
     ) -> ImageResult:
         """Run the stack against each of the model's providers until one answers."""
         limit = self._settings.limits.request_timeout
-        # asyncio's own timeout, not an anyio cancel scope: the same bound at a fraction
-        # of the cost (each anyio step asks sniffio which loop runs; about a tenth of a
-        # url pass-through's CPU in the layers). The request path is asyncio throughout
-        # (flux_proxy/disconnect.py cancels the same way).
+        # An asyncio deadline (flux_proxy/deadline.py), not an anyio cancel scope: the
+        # same bound at a fraction of the cost (each anyio step asks sniffio which loop
+        # runs). The request path is asyncio throughout (flux_proxy/disconnect.py
+        # cancels the same way).
         try:
-            async with asyncio.timeout(limit):
+            with Deadline(limit):
                 return await self._first_success(request, model, public_url, progress)
         except TimeoutError:
             raise UpstreamTimeout(

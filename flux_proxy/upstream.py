@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ import httpx
 import orjson
 
 from flux_proxy.answer_body import PiecewiseAnswer, WholeBody
+from flux_proxy.deadline import Deadline
 from flux_proxy.errors import (
     ContentPolicyViolation,
     GatewayError,
@@ -226,8 +226,8 @@ async def send_capped(
     The request's read timeout (the client's ``limits.upstream_timeout``) bounds the
     whole exchange, not only each read: an upstream trickling a byte a second would
     otherwise hold the request until its own deadline. Past it: ``httpx.ReadTimeout``.
-    (One asyncio deadline: an anyio cancel scope per exchange cost 5-6% of a url
-    pass-through's CPU; the transport underneath is asyncio's anyway.)
+    (One asyncio deadline, flux_proxy/deadline.py: an anyio cancel scope per exchange
+    cost 5-6% of a url pass-through's CPU; the transport underneath is asyncio's anyway.)
     """
     timeouts = request.extensions.get("timeout", {})
     budget = timeouts.get("read")
@@ -236,7 +236,7 @@ async def send_capped(
         # re-arms one for each piece of the answer it receives).
         request.extensions["timeout"] = {**timeouts, "read": None}
     try:
-        async with asyncio.timeout(budget):
+        with Deadline(budget):
             return await _read_capped(send, request, max_bytes, reads)
     except TimeoutError:
         raise httpx.ReadTimeout(
