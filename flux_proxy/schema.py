@@ -60,9 +60,6 @@ class ImageRequest(BaseModel):
     output_compression: StrictInt | None = Field(None, ge=0, le=100)
     seed: StrictInt | None = None
     stream: StrictBool | None = None
-    # Top-level fields the client sent as JSON null; unset when there are none (most
-    # requests): a default is filled in on every validation, at twice the cost.
-    _null_fields: frozenset[str] = PrivateAttr()
 
     @model_validator(mode="wrap")
     @classmethod
@@ -73,14 +70,20 @@ class ImageRequest(BaseModel):
         # {"n": null} is n=1, so a field whose default is not None drops its null
         # before validation. A required field stays required.
         if not isinstance(data, dict) or None not in data.values():
-            return handler(data)  # no nulls (most requests): _null_fields stays unset
+            return handler(data)  # no nulls (most requests)
         nulls = frozenset(k for k, v in data.items() if v is None)
         defaulted = nulls & _NULL_IS_NOT_THE_DEFAULT
         if defaulted:
             data = {k: v for k, v in data.items() if k not in defaulted}
         request = handler(data)
-        request._null_fields = nulls
-        return request
+        # The same request, as the kind that remembers its nulls (a private attribute on
+        # this class would cost every request a Python call to set it up, about a
+        # third of the validation).
+        sent = _NullsSent.model_construct(request.model_fields_set, **request.__dict__)
+        # Set as they are, not as keywords: a client's field may be called anything.
+        object.__setattr__(sent, "__pydantic_extra__", request.__pydantic_extra__)
+        sent._null_fields = nulls
+        return sent
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -95,11 +98,7 @@ class ImageRequest(BaseModel):
     @property
     def null_fields(self) -> frozenset[str]:
         """The parameters the client sent as null (their defaults apply)."""
-        # Read where pydantic keeps it: ``self._null_fields`` goes through its Python
-        # ``__getattr__``, a cost on every request.
-        private = self.__pydantic_private__
-        nulls: frozenset[str] = private.get("_null_fields", _NO_NULLS) if private else _NO_NULLS
-        return nulls
+        return _NO_NULLS
 
     @property
     def extras(self) -> dict[str, Any]:
@@ -113,6 +112,18 @@ class ImageRequest(BaseModel):
 
 
 _NO_NULLS: frozenset[str] = frozenset()
+
+
+class _NullsSent(ImageRequest):
+    """An ImageRequest in which the client sent some parameters as null."""
+
+    _null_fields: frozenset[str] = PrivateAttr(_NO_NULLS)
+
+    @property
+    def null_fields(self) -> frozenset[str]:
+        return self._null_fields
+
+
 # The optional fields whose default is not None: a null sent for one is dropped.
 _NULL_IS_NOT_THE_DEFAULT = frozenset(
     name
