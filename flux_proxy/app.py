@@ -573,12 +573,25 @@ def _parse_json(body: bytes) -> Any:
     """The body's JSON: orjson's (several times faster) where it reads it as the
     standard library does; else the standard library's, which reads what the gateway
     has always taken (NaN, integers past 64 bits, UTF-16 and UTF-32 bodies) or refuses it."""
-    if _LONG_NUMBER.search(body) is None:
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(body)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+    # An integer orjson misread is a float now: only then is the body searched for one.
+    if _may_hold_a_float(payload) and _LONG_NUMBER.search(body) is not None:
+        return json.loads(body)
+    return payload
+
+
+def _may_hold_a_float(payload: Any) -> bool:
+    """Whether ``payload`` is anything but an object of texts, integers, booleans and
+    nulls (most requests' bodies): one look at its values, not a walk."""
+    if not isinstance(payload, dict):
+        return True
+    return not all(type(value) in _FLAT_TYPES for value in payload.values())
+
+
+_FLAT_TYPES = frozenset({str, int, bool, type(None)})
 
 
 def _nests(payload: dict[str, Any]) -> bool:

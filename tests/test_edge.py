@@ -158,8 +158,9 @@ async def test_a_client_leaving_mid_body_is_an_info_log_not_a_500(caplog, path, 
         '{"prompt": "a fox", "size": "16x16"}'.encode("utf-16"),
         b"\xef\xbb\xbf" + b'{"prompt": "a fox", "size": "16x16"}',
         b'{"prompt": "a fox", "size": "16x16", "seed": 123456789012345678901234567890}',
+        b'{"prompt": "a fox", "size": "16x16", "x": {"seed": 123456789012345678901234567890}}',
     ],
-    ids=["utf-16", "utf-8 with BOM", "integer past 64 bits"],
+    ids=["utf-16", "utf-8 with BOM", "integer past 64 bits", "integer past 64 bits, nested"],
 )
 async def test_json_the_fast_parser_refuses_is_read_as_it_always_was(body):
     async with asgi_client(FluxProxy({}, environ={})) as client:

@@ -1,7 +1,13 @@
-"""The client's JSON as an ImageRequest: null means the default, and is remembered."""
+"""The client's JSON as the gateway reads it, and as an ImageRequest: null means the
+default, and is remembered."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
+from flux_proxy.app import _parse_json
 from flux_proxy.schema import ImageRequest
 
 
@@ -27,3 +33,17 @@ def test_nulls_are_the_defaults_and_are_remembered() -> None:
         "style": None,
         "_fields_set": "hd",
     }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"seed": 123456789012345678901234567890, "prompt": "x"}',
+        b'{"prompt": "x", "opts": {"seed": -123456789012345678901234567890}}',
+        b"[123456789012345678901234567890]",
+        b'{"prompt": "x", "ratio": 1.5, "seed": 12345678901234567890123}',
+    ],
+)
+def test_integers_past_64_bits_are_read_exactly(body: bytes) -> None:
+    assert _parse_json(body) == json.loads(body)
+    assert repr(_parse_json(body)) == repr(json.loads(body))  # ints, not floats
