@@ -11,17 +11,22 @@ model the config lacks is counted as ``unknown``, never under the client's text.
 Adding a metric is one entry in :class:`Metrics`, as the circuit breakers' are
 (``circuit_state``, ``circuit_skips``, fed by :class:`BreakerMetrics`).
 
+The series every request changes, on the event loop's thread, are plain numbers
+(flux_proxy.loop_metrics) rendered when scraped; the rest, changed from image
+worker threads or seldom, are prometheus_client's own.
+
 Under ``flux-proxy serve --workers N`` every worker writes its values to files in
 the directory ``PROMETHEUS_MULTIPROC_DIR`` names (the CLI makes one per run), and
-``/metrics``, whichever worker answers it, adds up all of them.
+``/metrics``, whichever worker answers it, adds up all of them. There every metric
+is prometheus_client's own, since only its values reach those files.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import (
@@ -37,6 +42,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from flux_proxy.breaker import BreakerState, UpstreamId
+from flux_proxy.loop_metrics import LoopCounter, LoopGauge, LoopHistogram
 
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -64,30 +70,51 @@ CIRCUIT_LABELS = ("gen_ai_provider_name", "upstream_model", "server_address")
 CIRCUIT_LEVELS = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
-# A labelled metric (Counter, Gauge, Histogram): ``labels()`` gives its child, the same type.
-M = TypeVar("M", Counter, Gauge, Histogram)
+class CounterSeries(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
 
 
-class Children(Generic[M]):
-    """A labelled metric's children, each looked up once: ``labels()`` checks and
-    converts its values and takes a lock on every call, which per request adds up.
-    Label values are bounded (see the module docstring), so the cache is too."""
+class GaugeSeries(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+    def dec(self, amount: float = 1) -> None: ...
+
+
+class HistogramSeries(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+S_co = TypeVar("S_co", CounterSeries, GaugeSeries, HistogramSeries, covariant=True)
+S = TypeVar("S", CounterSeries, GaugeSeries, HistogramSeries)
+
+
+class Labelled(Protocol[S_co]):
+    """A labelled metric, prometheus_client's or a loop_metrics one: ``labels()`` gives a series."""
+
+    def labels(self, *values: str) -> S_co: ...
+
+
+class Children(Generic[S]):
+    """A labelled metric's children, each looked up once: prometheus_client's
+    ``labels()`` checks and converts its values and takes a lock on every call, which
+    per request adds up. Label values are bounded (see the module docstring), so the
+    cache is too."""
 
     __slots__ = ("_cache", "_fixed", "_metric")
-    _metric: M
+    _metric: Labelled[S]
     _fixed: tuple[str, ...]
-    _cache: dict[tuple[str, ...], M]
+    _cache: dict[tuple[str, ...], S]
 
-    def __init__(self, metric: M, *fixed: str) -> None:
+    def __init__(self, metric: Labelled[S], *fixed: str) -> None:
         self._metric = metric
         self._fixed = fixed  # leading label values, the same for every child here
         self._cache = {}
 
-    def __call__(self, *values: str) -> M:
+    def __call__(self, *values: str) -> S:
         try:
             return self._cache[values]
         except KeyError:
-            child: M = self._metric.labels(*self._fixed, *values)
+            child: S = self._metric.labels(*self._fixed, *values)
             self._cache[values] = child
             return child
 
@@ -109,55 +136,47 @@ class Metrics:
         if self._shared_dir is None:  # per-process figures mean little summed over workers
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
-        self.requests = Counter(
+        self.requests = self._counter(
             "flux_proxy_requests",
             "Requests answered, by route, HTTP status, model asked for and provider that "
             "answered (or last failed)",
             REQUEST_LABELS,
-            registry=r,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = self._histogram(
             "flux_proxy_request_duration_seconds",
             "Time from a request's arrival to its answer's last byte",
             ROUTE_LABELS,
-            buckets=UPSTREAM_BUCKETS,
-            registry=r,
+            UPSTREAM_BUCKETS,
         )
-        self.overhead_seconds = Histogram(
+        self.overhead_seconds = self._histogram(
             "flux_proxy_overhead_seconds",
             "The gateway's own time per request: its duration less the time during which "
             "at least one upstream exchange was under way",
             ROUTE_LABELS,
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
+            OVERHEAD_BUCKETS,
         )
-        self.in_flight = Gauge(
+        self.in_flight = self._live_sum_gauge(
             "flux_proxy_requests_in_flight",
             "Requests being answered now",
             ROUTE_LABELS,
-            registry=r,
-            multiprocess_mode="livesum",
         )
-        self.upstream_seconds = Histogram(
+        self.upstream_seconds = self._histogram(
             "flux_proxy_upstream_duration_seconds",
             "One HTTP exchange with an upstream, from sending to the answer's last byte",
             ("gen_ai_provider_name",),
-            buckets=UPSTREAM_BUCKETS,
-            registry=r,
+            UPSTREAM_BUCKETS,
         )
-        self.upstream_requests = Counter(
+        self.upstream_requests = self._counter(
             "flux_proxy_upstream_requests",
             "HTTP exchanges with upstreams, by provider and status ('error': no answer)",
             ("gen_ai_provider_name", "http_response_status_code"),
-            registry=r,
         )
-        self.fanout_width = Histogram(
+        self.fanout_width = self._unlabelled_histogram(
             "flux_proxy_fanout_width",
             "Provider calls one image request was split into",
-            (),
-            buckets=FANOUT_BUCKETS,
-            registry=r,
+            FANOUT_BUCKETS,
         )
+        # Observed from image worker threads: prometheus_client's locked values.
         self.image_seconds = Histogram(
             "flux_proxy_image_processing_seconds",
             "Pillow work per image: transcode (encoded as image_format) or resize "
@@ -166,18 +185,16 @@ class Metrics:
             buckets=IMAGE_BUCKETS,
             registry=r,
         )
-        self.images = Counter(
+        self.images = self._counter(
             "flux_proxy_images",
             "Images in successful generation answers",
             MODEL_LABELS,
-            registry=r,
         )
-        self.image_bytes = Counter(
+        self.image_bytes = self._counter(
             "flux_proxy_image_bytes",
             "Encoded bytes of the images counted in flux_proxy_images_total whose bytes "
             "passed through the gateway (an upstream URL passed on unread has none)",
             MODEL_LABELS,
-            registry=r,
         )
         self.store_images = Gauge(
             "flux_proxy_store_images",
@@ -207,6 +224,35 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+
+    # The metrics each request changes on the loop's thread: loop_metrics' plain numbers
+    # in one process, prometheus_client's (which write the shared files) across workers.
+
+    def _counter(self, name: str, doc: str, labels: Sequence[str]) -> Labelled[CounterSeries]:
+        if self._shared_dir is not None:
+            return Counter(name, doc, labels, registry=self.registry)
+        return LoopCounter(name, doc, labels, registry=self.registry)
+
+    def _live_sum_gauge(self, name: str, doc: str, labels: Sequence[str]) -> Labelled[GaugeSeries]:
+        # Across workers, the sum of the live ones' values.
+        if self._shared_dir is not None:
+            return Gauge(name, doc, labels, registry=self.registry, multiprocess_mode="livesum")
+        return LoopGauge(name, doc, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> Labelled[HistogramSeries]:
+        if self._shared_dir is not None:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+        return LoopHistogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+    def _unlabelled_histogram(
+        self, name: str, doc: str, buckets: Sequence[float]
+    ) -> HistogramSeries:
+        # prometheus_client's unlabelled metric is its own series (its labels() refuses).
+        if self._shared_dir is not None:
+            return Histogram(name, doc, buckets=buckets, registry=self.registry)
+        return LoopHistogram(name, doc, (), buckets=buckets, registry=self.registry).labels()
 
     def render(self, store: StoreUsage | None) -> bytes:
         """The text exposition, with the store's usage as of now (when it can tell)."""

@@ -14,11 +14,10 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
-from prometheus_client import Counter, Histogram
 
 from flux_proxy.answer_body import WholeBody
 from flux_proxy.logs import EVENT, log_url
-from flux_proxy.metrics import Metrics
+from flux_proxy.metrics import CounterSeries, HistogramSeries, Metrics
 from flux_proxy.request_context import PEER_EXTENSION, RequestContext, current
 from flux_proxy.transport import AiohttpTransport, WireAnswer
 
@@ -65,7 +64,7 @@ class _Series:
         self._seconds = metrics.upstream_seconds
         self._requests = metrics.upstream_requests
         # Bounded as the label values are (providers and statuses; see metrics.py).
-        self._pairs: dict[tuple[str, str], tuple[Histogram, Counter]] = {}
+        self._pairs: dict[tuple[str, str], tuple[HistogramSeries, CounterSeries]] = {}
 
     def observe(self, provider: str, status: str, seconds: float) -> None:
         pair = self._pairs.get((provider, status))

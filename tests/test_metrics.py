@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import re
 import secrets
 from typing import Any
 
 import httpx
+import pytest
+from prometheus_client import Counter, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.parser import text_string_to_metric_families
 
+from flux_proxy.breaker import UpstreamId
+from flux_proxy.imaging import ImageWorker
+from flux_proxy.metrics import MULTIPROCESS_DIR_ENV, BreakerMetrics, Children, Metrics
 from flux_proxy.request_context import RequestContext
 from tests.images import assert_image
 from tests.metrics import scrape
@@ -137,3 +146,79 @@ def test_overlapping_upstream_exchanges_count_once_toward_the_wait(monkeypatch):
         now[0] = moment
         event()
     assert context.upstream_seconds == 4.5
+
+
+def _exposition(text: bytes) -> list[str]:
+    """The gateway's own lines, each ``_created`` time masked (series are made at
+    different instants in two registries)."""
+    lines = [line for line in text.decode().splitlines() if "flux_proxy_" in line]
+    return [re.sub(r"(_created(\{[^}]*\})?) \S+$", r"\1 <time>", line) for line in lines]
+
+
+def _feed(metrics: Metrics) -> None:
+    # Every metric the loop's plain numbers keep, through the API the gateway uses.
+    requests = Children(metrics.requests, GENERATIONS)
+    requests("200", "image_generation", "up", "openai").inc()
+    requests("200", "image_generation", "up", "openai").inc()
+    requests("502", "image_generation", "unknown", "").inc()
+    for route, seconds in [(GENERATIONS, 0.3), (GENERATIONS, 2.5), ("/v1/models", 900.0)]:
+        metrics.request_seconds.labels(route).observe(seconds)  # 2.5: on a bound; 900: +Inf
+    for overhead in (0.0, 0.0005, 0.0012, 7.0):
+        metrics.overhead_seconds.labels(GENERATIONS).observe(overhead)
+    in_flight = metrics.in_flight.labels(GENERATIONS)
+    in_flight.inc()
+    in_flight.inc()
+    in_flight.dec()
+    metrics.in_flight.labels("/metrics").inc()
+    metrics.upstream_seconds.labels("openai").observe(0.04)
+    metrics.upstream_requests.labels("openai", "200").inc()
+    metrics.upstream_requests.labels("openai", "error").inc()
+    for width in (1, 1, 4, 17):
+        metrics.fanout_width.observe(width)
+    metrics.images.labels("up", "url").inc(2)
+    metrics.image_bytes.labels("up", "b64_json").inc(12345)
+    metrics.image_seconds.labels("transcode", "webp").observe(0.02)
+    BreakerMetrics(metrics).skipped(UpstreamId("openai", "up", "http://127.0.0.1:9/v1"))
+
+
+@pytest.mark.parametrize("render", [generate_latest, openmetrics.generate_latest])
+def test_the_loops_plain_numbers_expose_what_prometheus_clients_own_would(render, tmp_path):
+    # Across workers (a shared directory) every metric is prometheus_client's own; its
+    # registry, rendered in this process, is the exposition to match.
+    reference = Metrics({MULTIPROCESS_DIR_ENV: str(tmp_path)})
+    assert isinstance(reference.requests, Counter)
+    loop = Metrics({})
+    assert not isinstance(loop.requests, Counter)
+    before = _exposition(render(loop.registry))
+    assert before == _exposition(render(reference.registry))  # no series yet, but HELP/TYPE
+    assert "flux_proxy_fanout_width_count 0.0" in before  # unlabelled: one series at once
+    _feed(reference)
+    _feed(loop)
+    expected = _exposition(render(reference.registry))
+    assert 'flux_proxy_request_duration_seconds_bucket{http_route="/v1/models",le="+Inf"} 1.0' in (
+        expected
+    )
+    assert _exposition(render(loop.registry)) == expected
+    lines = render(loop.registry).decode().splitlines()
+    created = [line for line in lines if "_created" in line and not line.startswith("#")]
+    assert created and all(float(line.rsplit(" ", 1)[1]) > 1.7e9 for line in created)
+
+
+def test_image_work_observed_from_many_threads_is_all_counted():
+    metrics = Metrics({})
+    jobs = 400
+    worker = ImageWorker(4, seconds=metrics.image_seconds)
+
+    async def run_all() -> None:
+        timed = [worker.run(sum, (1, 2), timed_as=("resize", "png")) for _ in range(jobs)]
+        assert await asyncio.gather(*timed) == [3] * jobs
+
+    asyncio.run(run_all())
+    families = text_string_to_metric_families(metrics.render(None).decode())
+    counts = [
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "flux_proxy_image_processing_seconds_count"
+    ]
+    assert counts == [jobs]

@@ -112,6 +112,11 @@ def test_workers_share_the_port_the_metrics_and_the_signing_key(spawn, tmp_path)
     # The scrape is in flight in one worker; nothing else is, in either.
     assert metrics.value("flux_proxy_requests_in_flight") == 1
     assert metrics.value("flux_proxy_store_images") == generated
+    # Histograms too are summed over both workers' files.
+    route = {"http_route": GENERATIONS}
+    assert metrics.value("flux_proxy_request_duration_seconds_count", **route) == generated
+    assert metrics.value("flux_proxy_overhead_seconds_count", **route) == generated
+    assert metrics.value("flux_proxy_fanout_width_bucket", le="1.0") == generated
 
     assert server.stop() == -signal.SIGTERM  # re-raised, as one process does
     assert list(scratch.glob("flux-proxy-metrics-*")) == []  # the run's directory is gone
