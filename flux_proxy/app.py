@@ -40,6 +40,7 @@ from flux_proxy.config import ConfigError, Settings, describe_validation_error, 
 from flux_proxy.deadline import Deadline
 from flux_proxy.disconnect import unless_disconnected
 from flux_proxy.drain import Drain
+from flux_proxy.eager import Pending, eagerly
 from flux_proxy.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -348,16 +349,21 @@ class FluxProxy:
         if declared.isascii() and declared.isdigit() and int(declared[:20]) > limit:
             raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
         # The whole body, however it trickles in: a client sending a byte a minute
-        # would otherwise hold the request (and its connection) for ever.
-        deadline = self.settings.limits.client_body_timeout
-        try:
-            with Deadline(deadline):
-                body = await _read_body(request.receive, limit)
-        except TimeoutError:
-            raise RequestTimeout(
-                f"The request body did not arrive within {deadline:g} seconds "
-                "(limits.client_body_timeout)."
-            ) from None
+        # would otherwise hold the request (and its connection) for ever. Most bodies
+        # have arrived with their head: the deadline is armed only when reading waits.
+        read = eagerly(_read_body(request.receive, limit))
+        if isinstance(read, Pending):
+            deadline = self.settings.limits.client_body_timeout
+            try:
+                with Deadline(deadline):
+                    body = await read
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"The request body did not arrive within {deadline:g} seconds "
+                    "(limits.client_body_timeout)."
+                ) from None
+        else:
+            body = read
         try:
             payload = _parse_json(body)
         except (ValueError, RecursionError):  # ValueError covers JSON, UTF-8 and huge ints
