@@ -199,9 +199,7 @@ class Report:
         """
         entries = {p: self._entries[p] for p in params if p in self._entries}
         entries.update({p: v for p, v in self._entries.items() if p not in entries})
-        text = _compact(
-            {k: {"handling": v.handling, "detail": v.detail} for k, v in entries.items()}
-        )
+        text = _compact(entries)
         if len(text) <= self.MAX_HEADER:
             return text
         # '"name":{"handling":"..."}' for each entry, without the braces around it.
@@ -222,14 +220,21 @@ class Report:
 
 def _compact(value: dict[str, Any]) -> str:
     """Compact JSON in printable ASCII (a header value). orjson's where it is that (most
-    reports: several times faster), else the standard library's, which escapes the rest."""
+    reports: several times faster), else the standard library's, which escapes the rest.
+    A ParamHandling is an object of its two fields (orjson writes dataclasses so)."""
     try:
         text = orjson.dumps(value)
     except orjson.JSONEncodeError:  # a lone surrogate in a client's parameter name
         text = b"\x80"
     if text.isascii() and b"\x7f" not in text:  # orjson leaves DEL and non-ASCII as they are
         return text.decode("ascii")
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, default=_entry_fields)
+
+
+def _entry_fields(value: object) -> dict[str, str]:
+    if not isinstance(value, ParamHandling):
+        raise TypeError(f"not JSON: {type(value).__name__}")
+    return {"handling": value.handling, "detail": value.detail}
 
 
 def _truncated(left_out: int) -> str:
