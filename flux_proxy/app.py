@@ -109,7 +109,9 @@ class FluxProxy:
         stack = build_stack(settings.middlewares, registry.middlewares, self.runtime)
         # Upstream health, per gateway; ``clock`` lets tests move time (cool-downs).
         self.breakers = BreakerBoard(settings.breaker, clock, BreakerMetrics(self.runtime.metrics))
-        self._generator = Generator(settings, stack, self.breakers, self.runtime.sizes)
+        self._generator = Generator(
+            settings, stack, self.breakers, self.runtime.sizes, self.runtime.deadlines
+        )
         self._admission = Admission(settings.limits)
         self._app = app
         self._prefix = settings.server.api_prefix
@@ -355,7 +357,7 @@ class FluxProxy:
         if isinstance(read, Pending):
             deadline = self.settings.limits.client_body_timeout
             try:
-                with Deadline(deadline):
+                with Deadline(deadline, self.runtime.deadlines):
                     body = await read
             except TimeoutError:
                 raise RequestTimeout(

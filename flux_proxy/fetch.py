@@ -18,6 +18,7 @@ import httpx
 
 from flux_proxy import b64
 from flux_proxy.addresses import AddressPolicy, PrivateAddress, ResolverFactory
+from flux_proxy.deadline import Deadlines
 from flux_proxy.errors import UpstreamError, UpstreamTimeout
 from flux_proxy.imaging import check_pixels, probe
 from flux_proxy.peek import ImageBytes, is_complete, pixel_size, sniff_format
@@ -38,12 +39,14 @@ class ImageFetcher:
         max_bytes: int,
         max_pixels: int,
         reads: ReadBudget | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         # The gateway's own client, the way providers' calls use it (Runtime.exchange and
         # build_request): no redirect is followed and no cookie kept either way.
         self._send = send
         self._build = build
         self._reads = reads
+        self._deadlines = deadlines
         self._max_pixels = max_pixels
         self._policy = policy
         self._dns = dns
@@ -61,6 +64,7 @@ class ImageFetcher:
                 self._build()("GET", url, headers={}),
                 max_bytes=self._max_bytes,
                 reads=self._reads,
+                deadlines=self._deadlines,
             )
         except AnswerTooLarge:
             raise UpstreamError("The upstream image is larger than the gateway accepts.") from None

@@ -26,7 +26,7 @@ from flux_proxy import b64
 from flux_proxy.admission import Demand
 from flux_proxy.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from flux_proxy.config import Settings
-from flux_proxy.deadline import Deadline
+from flux_proxy.deadline import Deadline, Deadlines
 from flux_proxy.errors import (
     GatewayError,
     InternalError,
@@ -65,9 +65,16 @@ SPEC_EVENT_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024"})
 
 class Generator:
     def __init__(
-        self, settings: Settings, stack: Stack, breakers: BreakerBoard, sizes: SizePlanner
+        self,
+        settings: Settings,
+        stack: Stack,
+        breakers: BreakerBoard,
+        sizes: SizePlanner,
+        deadlines: Deadlines | None = None,
     ) -> None:
+        """``deadlines``: the timers the requests' deadlines share (flux_proxy/deadline.py)."""
         self._settings = settings
+        self._deadlines = deadlines
         self._stack = stack
         self._breakers = breakers
         self._sizes = sizes
@@ -116,7 +123,7 @@ class Generator:
         # runs). The request path is asyncio throughout (flux_proxy/disconnect.py
         # cancels the same way).
         try:
-            with Deadline(limit):
+            with Deadline(limit, self._deadlines):
                 return await self._first_success(request, model, public_url, progress)
         except TimeoutError:
             raise UpstreamTimeout(

@@ -16,6 +16,7 @@ from aiohttp import ThreadedResolver
 
 from flux_proxy.addresses import AddressPolicy, CheckedResolver, ResolverFactory
 from flux_proxy.config import ConfigError, Settings
+from flux_proxy.deadline import Deadlines
 from flux_proxy.errors import UpstreamCredentialsMissing
 from flux_proxy.fetch import ImageFetcher
 from flux_proxy.imaging import ImageWorker
@@ -60,6 +61,8 @@ class Runtime:
         self.metrics = Metrics(self.environ)
         # Every whole answer read from an upstream (provider calls, image downloads).
         self.reads = ReadBudget(limits.upstream_read_bytes)
+        # The timers every request's deadlines share (flux_proxy/deadline.py).
+        self.deadlines = Deadlines()
         # Every request's size, resolved once: admission's demand and the size layer ask
         # the same question of the same planner.
         self.sizes = SizePlanner(SizeLimits(max_side=limits.max_side, max_pixels=limits.max_pixels))
@@ -80,6 +83,7 @@ class Runtime:
             max_bytes=limits.max_fetch_bytes,
             max_pixels=limits.max_upstream_pixels,
             reads=self.reads,
+            deadlines=self.deadlines,
         )
         self.store: ImageStore = self._make_store()
         # Every connection: the fetcher's hosts, the forwarder's base_url and the image

@@ -19,7 +19,7 @@ import httpx
 import orjson
 
 from flux_proxy.answer_body import PiecewiseAnswer, WholeBody
-from flux_proxy.deadline import Deadline
+from flux_proxy.deadline import Deadline, Deadlines
 from flux_proxy.errors import (
     ContentPolicyViolation,
     GatewayError,
@@ -214,7 +214,12 @@ def client_send(http: httpx.AsyncClient) -> Send:
 
 
 async def send_capped(
-    send: Send, request: httpx.Request, *, max_bytes: int, reads: ReadBudget | None = None
+    send: Send,
+    request: httpx.Request,
+    *,
+    max_bytes: int,
+    reads: ReadBudget | None = None,
+    deadlines: Deadlines | None = None,
 ) -> httpx.Response:
     """Send ``request`` and read the answer, refusing (502) one larger than ``max_bytes``.
 
@@ -228,6 +233,7 @@ async def send_capped(
     otherwise hold the request until its own deadline. Past it: ``httpx.ReadTimeout``.
     (One asyncio deadline, flux_proxy/deadline.py: an anyio cancel scope per exchange
     cost 5-6% of a url pass-through's CPU; the transport underneath is asyncio's anyway.)
+    With ``deadlines``, its timer is the one the gateway's exchanges share.
     """
     timeouts = request.extensions.get("timeout", {})
     budget = timeouts.get("read")
@@ -236,7 +242,7 @@ async def send_capped(
         # re-arms one for each piece of the answer it receives).
         request.extensions["timeout"] = {**timeouts, "read": None}
     try:
-        with Deadline(budget):
+        with Deadline(budget, deadlines):
             return await _read_capped(send, request, max_bytes, reads)
     except TimeoutError:
         raise httpx.ReadTimeout(
@@ -353,12 +359,14 @@ class Upstream:
         send: Send | None = None,
         reads: ReadBudget | None = None,
         build: RequestBuilder | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         """``send`` takes the requests ``http`` builds (default: ``http.send``; the
         gateway's: ``Runtime.exchange``);
         ``build`` builds them (default: one for ``http``; the gateway keeps one per
         client); ``reads`` is the gateway's budget for answers being read
-        (flux_proxy/read_budget.py)."""
+        (flux_proxy/read_budget.py); ``deadlines``, the timers its exchanges' deadlines
+        share (flux_proxy/deadline.py)."""
         self.provider = provider
         self._send = send or client_send(http)
         self._build = build or RequestBuilder(http)
@@ -368,6 +376,7 @@ class Upstream:
         self._guard = guard
         self.max_bytes = max_bytes
         self._reads = reads
+        self._deadlines = deadlines
 
     def __repr__(self) -> str:  # never the key, in a log line or a traceback's locals
         return f"Upstream({self.provider!r})"
@@ -411,6 +420,7 @@ class Upstream:
                 request,
                 max_bytes=max_bytes if max_bytes is not None else self.max_bytes,
                 reads=self._reads,
+                deadlines=self._deadlines,
             )
 
     def json(self, response: httpx.Response, what: str, *, keep_base64: str | None = None) -> Any:

@@ -247,6 +247,7 @@ class UpstreamProvider(Generic[SpecT, OptionsT]):
             # n images inline as base64 (sync answers, data: URIs) plus the JSON around them.
             max_bytes=(max_fetch * 4 // 3 + 65536) * max(job.n, 1),
             reads=runtime.reads,
+            deadlines=runtime.deadlines,
         )
 
 
