@@ -10,7 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import Counter, generate_latest
+from prometheus_client import (
+    Counter,
+    disable_created_metrics,
+    enable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -222,3 +227,19 @@ def test_image_work_observed_from_many_threads_is_all_counted():
         if sample.name == "flux_proxy_image_processing_seconds_count"
     ]
     assert counts == [jobs]
+
+
+def test_without_created_series_neither_side_writes_them(tmp_path):
+    # prometheus_client's switch (PROMETHEUS_DISABLE_CREATED_SERIES at import) holds for
+    # the loop's series too.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    try:
+        reference = Metrics({MULTIPROCESS_DIR_ENV: str(tmp_path)})
+        loop = Metrics({})
+        _feed(reference)
+        _feed(loop)
+        expected = _exposition(generate_latest(reference.registry))
+        assert not [line for line in expected if "_created" in line]
+        assert _exposition(generate_latest(loop.registry)) == expected
+    finally:
+        enable_created_metrics()  # type: ignore[no-untyped-call]
