@@ -284,6 +284,9 @@ class JSONPieces:
             self._small.clear()
 
 
+_JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
 class PiecesResponse(Response):
     """A 200 JSON response written piece by piece: a megabyte of the upstream's base64
     goes to the socket as the bytes it arrived in, never copied into one body first."""
@@ -295,11 +298,12 @@ class PiecesResponse(Response):
         self.status_code = 200
         self.background = None
         # Not Response.init_headers: it would read (so join) the body for its length.
-        length = str(sum(map(len, pieces)))
-        fields = {**headers, "content-length": length, "content-type": self.media_type}
-        self.raw_headers = [
-            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in fields.items()
-        ]
+        # ``headers`` are the report's (lower-case names, neither of these two).
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.raw_headers += (
+            (b"content-length", b"%d" % sum(map(len, pieces))),
+            _JSON_CONTENT_TYPE,
+        )
 
     @property
     def body(self) -> bytes:
