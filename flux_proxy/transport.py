@@ -29,6 +29,8 @@ _CHUNK = 64 * 1024
 _READ_AHEAD = 64 * 1024
 # URLs and timeout sets kept made (a provider's few endpoints; others come and go).
 _KEPT = 256
+# Header pairs kept as text: a few per provider endpoint, and one per body length seen.
+_KEPT_PAIRS = 1024
 
 
 class _NoUrlCredentials(httpx.Auth):
@@ -58,6 +60,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._session: aiohttp.ClientSession | None = None
         self._urls: Kept[str, yarl.URL] = Kept(_KEPT)
         self._timeouts: Kept[tuple[float | None, ...], aiohttp.ClientTimeout] = Kept(_KEPT)
+        self._pairs: Kept[tuple[bytes, bytes], tuple[str, str] | None] = Kept(_KEPT_PAIRS)
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -92,7 +95,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             answer = await self._open().request(
                 request.method,
                 self._url(request.url),
-                headers=_headers(request.headers),
+                headers=self._headers(request.headers),
                 data=body,
                 allow_redirects=False,
                 timeout=self._timeout(
@@ -106,6 +109,23 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             request,
             reason=answer.reason,
         )
+
+    def _headers(self, headers: httpx.Headers) -> list[tuple[str, str]]:
+        """:func:`_headers`, each raw (name, value) pair converted once: a provider's
+        calls send the same few (all but the body's length), and decoding them anew
+        cost 2% of a url pass-through's instructions."""
+        kept = self._pairs
+        text: list[tuple[str, str]] = []
+        try:
+            for pair in headers.raw:
+                made = kept.get(pair)
+                if made is None and pair not in kept:  # None kept: Transfer-Encoding
+                    made = kept.keep(pair, _as_text(pair))
+                if made is not None:
+                    text.append(made)
+        except UnicodeDecodeError:
+            return _headers(headers)
+        return text
 
     def _url(self, url: httpx.URL) -> yarl.URL:
         """``url`` byte for byte, as httpx encoded it, but with no userinfo: aiohttp would
@@ -142,13 +162,19 @@ def _headers(headers: httpx.Headers) -> list[tuple[str, str]]:
     gives them, from the raw list (ASCII, as httpx encodes them, unless a forwarded
     client sent otherwise: then httpx's own decoding)."""
     try:
-        return [
-            (lowered.decode("ascii"), value.decode("ascii"))
-            for name, value in headers.raw
-            if (lowered := name.lower()) != b"transfer-encoding"
-        ]
+        return [pair for pair in map(_as_text, headers.raw) if pair is not None]
     except UnicodeDecodeError:
         return [(k, v) for k, v in headers.multi_items() if k != "transfer-encoding"]
+
+
+def _as_text(pair: tuple[bytes, bytes]) -> tuple[str, str] | None:
+    """One raw header as aiohttp takes it; None for Transfer-Encoding (aiohttp frames
+    the body itself)."""
+    name, value = pair
+    lowered = name.lower()
+    if lowered == b"transfer-encoding":
+        return None
+    return lowered.decode("ascii"), value.decode("ascii")
 
 
 class WireAnswer:

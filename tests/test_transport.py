@@ -15,7 +15,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from flux_proxy.transport import _headers, _HttpxErrors
+from flux_proxy.transport import AiohttpTransport, _headers, _HttpxErrors
 from tests.images import assert_image, make_image
 from tests.openapi import assert_openai_error
 from tests.upstream_openai import gateway_config
@@ -124,10 +124,13 @@ def test_request_headers_reach_aiohttp_as_httpx_decodes_them():
         [(b"X-Name", "café".encode()), (b"Accept", b"*/*")],  # UTF-8, as a client may send
         [(b"X-Name", b"caf\xe9")],  # neither ASCII nor UTF-8
     ]
+    transport = AiohttpTransport(max_connections=1, ssl_context=httpx.create_ssl_context)
     for raw in cases:
         headers = httpx.Headers(raw)
         expected = [(k, v) for k, v in headers.multi_items() if k != "transfer-encoding"]
         assert _headers(headers) == expected
+        for _ in range(2):  # each pair converted, then as it was kept
+            assert transport._headers(headers) == expected
 
 
 def test_a_mapped_failure_keeps_no_frame_of_the_exchange_alive() -> None:
