@@ -43,9 +43,10 @@ else:
     task_of = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 
-def running_task() -> asyncio.Task[object]:
-    """The task running the caller (``asyncio.current_task()``, one frame less)."""
-    task = task_of(get_running_loop())
+def running_task(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Task[object]:
+    """The task running the caller (``asyncio.current_task()``, one frame less), on
+    ``loop`` when the caller holds it already."""
+    task = task_of(loop or get_running_loop())
     if task is None:
         raise RuntimeError("no task runs this: a deadline bounds a task's block")
     return task
@@ -71,10 +72,7 @@ class Deadline:
         if seconds is None:
             return
         loop = get_running_loop()
-        task = task_of(loop)
-        if task is None:
-            raise RuntimeError("no task runs this: a deadline bounds a task's block")
-        self._task = task
+        task = self._task = running_task(loop)
         # Cancels already requested are not this deadline's to take back.
         self._cancelling = task.cancelling()
         when = self.when = loop.time() + seconds

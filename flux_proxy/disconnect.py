@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from starlette.types import Receive
 
 from flux_proxy.deadline import running_task
+from flux_proxy.eager import Pending, eagerly
 
 T = TypeVar("T")
 
@@ -59,23 +60,22 @@ class _Watch:
         self.cancelled_task = False
         self._waiting: asyncio.Future[Any] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        coroutine: Coroutine[Any, Any, None] | None = self._watch(receive, task)
-        assert coroutine is not None
+        self._coroutine: Coroutine[Any, Any, None] | None = None
         try:
-            waiting = coroutine.send(None)
-        except StopIteration:  # the client had left already: the task is cancelled
-            coroutine = None
+            first = eagerly(self._watch(receive, task))
         except Exception:  # receive failed: the work goes on unwatched, as it would have
-            coroutine = None
+            return
+        if not isinstance(first, Pending):  # the client had left already: task cancelled
+            return
+        waiting = first.waiting
+        self._coroutine = first.coroutine
+        if getattr(waiting, "_asyncio_future_blocking", False):
+            # What a task does with the future a coroutine awaits: wait for it.
+            waiting._asyncio_future_blocking = False
+            waiting.add_done_callback(self._woken)
+            self._waiting = waiting
         else:
-            if getattr(waiting, "_asyncio_future_blocking", False):
-                # What a task does with the future a coroutine awaits: wait for it.
-                waiting._asyncio_future_blocking = False
-                waiting.add_done_callback(self._woken)
-                self._waiting = waiting
-            else:
-                self._watcher = asyncio.get_running_loop().create_task(coroutine)
-        self._coroutine = coroutine
+            self._watcher = asyncio.get_running_loop().create_task(first.coroutine)
 
     async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         while (await receive())["type"] != "http.disconnect":

@@ -17,18 +17,18 @@ T = TypeVar("T")
 class Pending(Generic[T]):
     """The rest of a coroutine that is waiting: await it (once) to run the rest."""
 
-    __slots__ = ("_coroutine", "_waiting")
+    __slots__ = ("coroutine", "waiting")
 
     def __init__(self, coroutine: Coroutine[Any, Any, T], waiting: Any) -> None:
-        self._coroutine = coroutine
-        self._waiting = waiting  # what it yielded: the future it waits on, or None
+        self.coroutine = coroutine  # suspended at its first wait
+        self.waiting = waiting  # what it yielded: the future it waits on, or None
 
     def __await__(self) -> Generator[Any, Any, T]:
         # ``yield from``, by hand: the coroutine is in the middle of an await already
         # (awaiting it again is refused), and what it waits on goes up first.
-        coroutine = self._coroutine
-        waiting = self._waiting
-        self._waiting = None
+        coroutine = self.coroutine
+        waiting = self.waiting
+        self.waiting = None
         while True:
             try:
                 sent = yield waiting
