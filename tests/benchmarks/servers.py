@@ -34,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 SIDES = (512, 1024, 2048)
 DEFAULT_SIDE = 1024
 GENERATIONS = "/v1/images/generations"
+KEEP_ALIVE_SECONDS = 600  # longer than any run: see main()
 
 Headers = list[tuple[bytes, bytes]]
 Answer = tuple[Headers, bytes]
@@ -159,7 +160,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     threading.Thread(target=_watchdog, args=(args.parent,), daemon=True).start()
     sides = [int(side) for side in args.sides.split(",")]
     app = FakeUpstream(f"http://127.0.0.1:{args.port}", sides)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    # Kept-alive connections stay open across the run's idle gaps: with uvicorn's 5 s
+    # default, a proxy whose pool sat idle about that long (between scenarios) reused
+    # connections this server was closing, and a bare forwarder's (f) row lost 540 of
+    # its 960 requests to that race, not to anything it measures.
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )
 
 
 if __name__ == "__main__":
