@@ -125,6 +125,12 @@ class LimitSettings(_Section):
     client_body_timeout: float = Field(60.0, gt=0)
     # One upstream HTTP exchange.
     upstream_timeout: float = Field(120.0, gt=0)
+    # Seconds a kept-alive upstream connection may sit idle and still be reused. Below
+    # the 5 s after which uvicorn, Node.js and Apache close an idle connection: a
+    # request sent on one the upstream is closing that instant fails (a 502), and a
+    # POST may not be retried (RFC 9112, 9.3.1). For an upstream that closes sooner
+    # (gunicorn: 2 s), set it lower.
+    upstream_idle_seconds: float = Field(4.0, gt=0)
     # Upstream calls one request may run at once when fanning out n.
     fanout_concurrency: int = Field(4, ge=1)
     # Decode/resize/encode jobs running at once in the heavy lane (threads, off the event

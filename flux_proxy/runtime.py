@@ -104,6 +104,7 @@ class Runtime:
                 ssl_context=httpx.create_ssl_context,
                 # The address each connection goes to is the one checked.
                 resolver=lambda: CheckedResolver(self._connect_policy, self._resolver()),
+                idle_seconds=limits.upstream_idle_seconds,
             )
             # Every exchange timed and counted, the ones send() makes past the client too.
             self._wire = ObservedTransport(wire, self.metrics)

@@ -51,10 +51,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         max_connections: int,
         ssl_context: Callable[[], ssl.SSLContext],
         resolver: ResolverFactory | None = None,
+        idle_seconds: float = 15.0,
     ) -> None:
         """``resolver`` makes the resolver every connection's host name goes through
-        (inside the running loop; unset: aiohttp's default)."""
+        (inside the running loop; unset: aiohttp's default). ``idle_seconds``: a pooled
+        connection idle longer is closed, never reused (aiohttp's default: 15 s)."""
         self._limit = max_connections
+        self._idle_seconds = idle_seconds
         self._ssl_context = ssl_context
         self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
@@ -66,6 +69,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
                 limit=self._limit,
+                keepalive_timeout=self._idle_seconds,
                 ssl=self._ssl_context(),
                 resolver=self._resolver() if self._resolver is not None else None,
             )

@@ -7,7 +7,9 @@ import base64
 import gc
 import gzip
 import json
+import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -18,7 +20,8 @@ from starlette.types import Receive, Scope, Send
 from flux_proxy.transport import AiohttpTransport, _headers, _HttpxErrors
 from tests.images import assert_image, make_image
 from tests.openapi import assert_openai_error
-from tests.upstream_openai import gateway_config
+from tests.servers import ServeUpstream
+from tests.upstream_openai import RecordingUpstream, gateway_config
 
 
 class CookieSettingUpstream:
@@ -92,6 +95,43 @@ def test_an_upstreams_cookies_are_never_sent_back(serve_upstream, start_gateway)
         assert_image(base64.b64decode(response.json()["data"][0]["b64_json"]), "png", (8, 8))
         assert "set-cookie" not in response.headers
     assert upstream.cookies == [None, None]
+
+
+class PortRecorder:
+    """The OpenAI emulator, noting the client port each request came from."""
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+        self._app = RecordingUpstream().app()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.ports.append(scope["client"][1])
+        await self._app(scope, receive, send)
+
+
+@pytest.mark.parametrize(("idle_seconds", "reused"), [(0.3, False), (30.0, True)])
+def test_a_connection_idle_past_upstream_idle_seconds_is_not_reused(
+    serve_upstream: ServeUpstream,
+    start_gateway: Callable[..., str],
+    idle_seconds: float,
+    reused: bool,
+) -> None:
+    """A pooled connection idle longer than the setting is never sent a request: the
+    upstream may be closing it that instant (uvicorn's 5 s keep-alive), and a POST
+    that meets the close fails and may not be retried."""
+    upstream = PortRecorder()
+    config = gateway_config(serve_upstream(upstream), "b64_json")
+    config["limits"] = {"upstream_idle_seconds": idle_seconds}
+    gateway = start_gateway(config)
+    for pause in (0.0, 0.0, 0.6):
+        time.sleep(pause)
+        response = post(gateway)
+        assert response.status_code == 200, response.text
+        assert_image(base64.b64decode(response.json()["data"][0]["b64_json"]), "png", (8, 8))
+    first, at_once, after_pause = upstream.ports
+    assert at_once == first  # kept alive and reused within the setting
+    assert (after_pause == first) is reused, upstream.ports
 
 
 def test_an_answer_cut_short_is_a_502(serve_upstream, start_gateway):
