@@ -45,6 +45,13 @@ def test_benchmark_runs_and_every_target_answers_correctly(tmp_path: Path) -> No
         assert row["requests"] >= 1 and row["errors"] == 0, row
         printed = rf"{re.escape(row['group'])}\s+{row['target']}\s+{row['concurrency']}\s+\d+\s+0\s"
         assert re.search(printed, completed.stdout, re.MULTILINE), label
+    # (a) at c=1 again, the forwarder and flux-pass in turn: the added latency's verdict.
+    pairs = written["latency_pairs"]
+    assert len(pairs) == QUICK.latency_pairs >= 1
+    for pair in pairs:
+        assert pair["forwarder_p50_ms"] > 0 and pair["flux_p50_ms"] > 0, pair
+        assert pair["added_ms"] == pytest.approx(pair["flux_p50_ms"] - pair["forwarder_p50_ms"])
+    assert "(a) url c=1, in turn" in completed.stdout
     assert len(written["targets"]) >= 9
     for verdict in written["targets"]:
         assert verdict["target"] in completed.stdout
