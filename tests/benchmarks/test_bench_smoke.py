@@ -52,6 +52,10 @@ def test_benchmark_runs_and_every_target_answers_correctly(tmp_path: Path) -> No
         assert pair["forwarder_p50_ms"] > 0 and pair["flux_p50_ms"] > 0, pair
         assert pair["added_ms"] == pytest.approx(pair["flux_p50_ms"] - pair["forwarder_p50_ms"])
     assert "(a) url c=1, in turn" in completed.stdout
+    # (d) in turns: a gateway answer timed after each raw encode.
+    for fmt in ("webp", "avif"):
+        gateway_ms = written["encode_turns_gateway_ms"][fmt]
+        assert len(gateway_ms) == QUICK.encode_repeats and min(gateway_ms) > 0, gateway_ms
     assert len(written["targets"]) >= 9
     for verdict in written["targets"]:
         assert verdict["target"] in completed.stdout
