@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -149,7 +150,10 @@ async def test_a_client_leaving_mid_body_is_an_info_log_not_a_500(caplog, path, 
     assert sent == []  # nobody is left to answer
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert any("disconnected while sending its body" in r.getMessage() for r in caplog.records)
-    assert not any("500" in r.getMessage() for r in caplog.records)
+    # The access line gives the status as "-> NNN"; the request id beside it is random
+    # hex, which may hold "500" (a bare substring check failed 1 run in ~150).
+    statuses = [m for r in caplog.records for m in re.findall(r"-> (\d{3})\b", r.getMessage())]
+    assert set(statuses) <= {"499"}, statuses  # the forwarder logs no access line here
 
 
 @pytest.mark.parametrize(
