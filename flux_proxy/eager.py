@@ -29,19 +29,16 @@ class Pending(Generic[T]):
         coroutine = self.coroutine
         waiting = self.waiting
         self.waiting = None
-        while True:
-            try:
-                sent = yield waiting
-            except BaseException as error:  # a cancel, say: the coroutine's to handle
+        try:
+            while True:
                 try:
+                    sent = yield waiting
+                except BaseException as error:  # a cancel, say: the coroutine's to handle
                     waiting = coroutine.throw(error)
-                except StopIteration as done:
-                    return done.value  # type: ignore[no-any-return]
-            else:
-                try:
+                else:
                     waiting = coroutine.send(sent)
-                except StopIteration as done:
-                    return done.value  # type: ignore[no-any-return]
+        except StopIteration as done:  # the coroutine returned (a yield raises no such)
+            return done.value  # type: ignore[no-any-return]
 
 
 def eagerly(coroutine: Coroutine[Any, Any, T]) -> T | Pending[T]:

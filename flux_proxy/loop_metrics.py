@@ -88,7 +88,10 @@ F = TypeVar("F", CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily)
 
 
 class _LoopMetric(Generic[V, F]):
-    """One metric family: its series by label values, each made on first use."""
+    """One metric family: its series by label values, each made on first use. A kind
+    names the family it renders as; its series' own values go in by ``_add``."""
+
+    _kind: type[F]
 
     def __init__(
         self,
@@ -128,18 +131,17 @@ class _LoopMetric(Generic[V, F]):
         raise NotImplementedError
 
     def _family(self) -> F:
-        raise NotImplementedError
+        return self._kind(self._name, self._documentation, labels=self._labelnames)
 
     def _add(self, family: F, values: tuple[str, ...], series: V, created: bool) -> None:
         raise NotImplementedError
 
 
 class LoopCounter(_LoopMetric[CounterValue, CounterMetricFamily]):
+    _kind = CounterMetricFamily
+
     def _new_series(self) -> CounterValue:
         return CounterValue()
-
-    def _family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
 
     def _add(
         self,
@@ -152,11 +154,10 @@ class LoopCounter(_LoopMetric[CounterValue, CounterMetricFamily]):
 
 
 class LoopGauge(_LoopMetric[GaugeValue, GaugeMetricFamily]):
+    _kind = GaugeMetricFamily
+
     def _new_series(self) -> GaugeValue:
         return GaugeValue()
-
-    def _family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily(self._name, self._documentation, labels=self._labelnames)
 
     def _add(
         self, family: GaugeMetricFamily, values: tuple[str, ...], series: GaugeValue, created: bool
@@ -165,6 +166,8 @@ class LoopGauge(_LoopMetric[GaugeValue, GaugeMetricFamily]):
 
 
 class LoopHistogram(_LoopMetric[HistogramValue, HistogramMetricFamily]):
+    _kind = HistogramMetricFamily
+
     def __init__(
         self,
         name: str,
@@ -187,9 +190,6 @@ class LoopHistogram(_LoopMetric[HistogramValue, HistogramMetricFamily]):
 
     def _new_series(self) -> HistogramValue:
         return HistogramValue(self._bounds)
-
-    def _family(self) -> HistogramMetricFamily:
-        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
 
     def _add(
         self,

@@ -689,23 +689,6 @@ def linearity(plan: Plan, results: Sequence[Result]) -> Verdict:
     mid = plan.levels[1]
     g = plan.groups()
     at = {(r.scenario.group, r.scenario.target, r.scenario.concurrency): r for r in results}
-
-    def bend(target: str) -> tuple[float | None, str]:
-        """The large image's cost over the line, and the three costs, for ``target``."""
-        rows = [at[g[key], target, mid] for key in ("f-small", "f-mid", "f-large")]
-        by_cpu = all(not math.isnan(r.cpu.per_request_ms) for r in rows)
-        points = [
-            # pixels stand in for bytes
-            (side * side, r.cpu.per_request_ms if by_cpu else 1000 / r.measured.rps)
-            for side, r in zip(plan.sides, rows, strict=True)
-        ]
-        (x0, y0), (x1, y1), (x2, y2) = points
-        unit = "CPU ms/request" if by_cpu else "ms/request (1 / req/s)"
-        costs = f"{unit}: " + ", ".join(f"{y:.2f}" for _, y in points)
-        if y1 <= y0:  # noise larger than the cost of the bytes: no line to extend
-            return None, costs
-        return y2 / (y1 + (y1 - y0) / (x1 - x0) * (x2 - x1)), costs
-
     keys = ("f-small", "f-mid", "f-large")
     rows = {
         (target, key): at[g[key], target, mid] for target in ("flux-pass", BASELINE) for key in keys
@@ -718,11 +701,22 @@ def linearity(plan: Plan, results: Sequence[Result]) -> Verdict:
     }
     over = [cost["flux-pass", key] / cost[BASELINE, key] for key in keys]
     growth = over[2] / over[0]
-    line, costs = bend("flux-pass")
-    floor, _ = bend(BASELINE)
+
+    def bend(target: str) -> float | None:
+        """``target``'s large image's cost over the line through its smaller two."""
+        # pixels stand in for bytes
+        (x0, y0), (x1, y1), (x2, y2) = (
+            (side * side, cost[target, key]) for side, key in zip(plan.sides, keys, strict=True)
+        )
+        if y1 <= y0:  # noise larger than the cost of the bytes: no line to extend
+            return None
+        return y2 / (y1 + (y1 - y0) / (x1 - x0) * (x2 - x1))
+
+    unit = "CPU ms/request" if by_cpu else "ms/request (1 / req/s)"
+    costs = f"{unit}: " + ", ".join(f"{cost['flux-pass', key]:.2f}" for key in keys)
     lines = ", ".join(
         f"{name} {value:.2f}x"
-        for name, value in (("flux-pass", line), ("aiohttp", floor))
+        for name, value in (("flux-pass", bend("flux-pass")), ("aiohttp", bend(BASELINE)))
         if value is not None
     )
     return Verdict(
